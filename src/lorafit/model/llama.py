@@ -1,0 +1,255 @@
+"""A compact decoder for the Llama family: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+
+The model stays pure (gpt-fast style): plain nn.Linear layers with Hugging Face's parameter names, so a
+checkpoint loads with `assign=True` and a PEFT adapter's keys map one to one. Quantization, LoRA and kernels are
+applied afterwards by wrapping modules (`quantize_nf4`, `apply_lora`).
+
+Attention takes one of three masks:
+- none: plain causal attention (one example per row, right padding carries no loss);
+- `seq_ids` [B, T]: packed rows, each token attends only to earlier tokens of the same example;
+- `key_padding` [B, S] with a KV cache: left-padded batched generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf(cls, cfg) -> ModelArgs:
+        kind = cfg.model_type
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        window = getattr(cfg, "sliding_window", None)
+        if kind == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+            window = None  # Qwen2 configs carry a window they do not use
+        return cls(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.rms_norm_eps,
+            tie_word_embeddings=bool(cfg.tie_word_embeddings),
+            qkv_bias=kind == "qwen2" or attention_bias,  # Qwen2 hard-codes q/k/v biases
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm=kind == "qwen3",
+            sliding_window=window,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, as the reference implementations do: bf16 variance loses ~2 digits.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the positions given; rope variants (llama3, yarn, linear...) come from transformers."""
+
+    def __init__(self, hf_config, head_dim: int):
+        super().__init__()
+        params = getattr(hf_config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        with torch.device("cpu"):  # real values even when the model is being built on the meta device
+            inv_freq, self.attention_scaling = self._inv_freq(hf_config, params, rope_type, head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    @staticmethod
+    def _inv_freq(hf_config, params, rope_type, head_dim):
+        if rope_type == "default":
+            theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+            return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        return ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        gqa = self.num_heads != self.num_kv_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: ModelArgs, hf_config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(hf_config, a.head_dim)
+
+
+class KVCache:
+    """Keys and values of every layer, grown by concatenation: simple, and generation here is eval-sized."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[list[torch.Tensor] | None] = [None] * num_layers
+        self.current = 0
+
+    def for_layer(self, i: int) -> KVCache:
+        self.current = i
+        return self
+
+    def update(self, k, v):
+        entry = self.layers[self.current]
+        if entry is not None:
+            k, v = torch.cat([entry[0], k], dim=2), torch.cat([entry[1], v], dim=2)
+        self.layers[self.current] = [k, v]
+        return k, v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+
+class CausalLM(nn.Module):
+    def __init__(self, args: ModelArgs, hf_config):
+        super().__init__()
+        self.args = args
+        self.config = hf_config  # kept for rope variants, saving and export
+        self.model = Backbone(args, hf_config)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, position_ids=None, seq_ids=None, key_padding=None, cache: KVCache | None = None):
+        """Final hidden states [B, T, H]; `logits(hidden)` turns them into scores (the loss never needs all)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        mask = build_mask(position_ids, seq_ids, key_padding, past, self.args.sliding_window)
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = cache.for_layer(i) if cache is not None else None
+            if checkpoint:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, layer_cache)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+def build_mask(position_ids, seq_ids, key_padding, past: int, window: int | None):
+    """Boolean attention mask [B, 1, T, S] (True = attend), or None for plain causal attention."""
+    B, T = position_ids.shape
+    if seq_ids is None and key_padding is None and past == 0 and (window is None or T <= window):
+        return None
+    device = position_ids.device
+    q_index = torch.arange(past, past + T, device=device)
+    k_index = torch.arange(past + T, device=device)
+    mask = (k_index[None, :] <= q_index[:, None])[None, None]  # [1, 1, T, S]
+    if seq_ids is not None:
+        mask = mask & (seq_ids[:, None, :, None] == seq_ids[:, None, None, :])
+    if key_padding is not None:
+        # A left-pad query sees no real key; letting it see itself keeps its row finite (an all-masked row is NaN,
+        # and NaN values leak through later layers even at zero attention weight).
+        mask = mask & key_padding[:, None, None, :].bool() | (k_index[None, :] == q_index[:, None])[None, None]
+    if window is not None:
+        mask = mask & ((q_index[:, None] - k_index[None, :]) < window)[None, None]
+    return mask.expand(B, 1, T, past + T)
