@@ -1,0 +1,95 @@
+"""`lorafit` command line: a thin shell over the Python API; every command is one library call.
+
+Errors meant for the user (bad config, bad data, missing model) print their message and exit 2: no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from lorafit.config import field_help, load_config
+from lorafit.errors import LorafitError
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune open LLMs with LoRA and QLoRA on the GPU you have (or, slowly, the CPU).")
+
+
+def _fields_help() -> str:
+    rows = [f"  --{name:<28} {text} [default: {default}]" for name, text, default in field_help()]
+    return "Every config field is also a flag (YAML values, dotted names for sections):\n\n" + "\n\n".join(rows)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Example: lorafit train run.yaml --lora.r 8 --learning-rate 1e-4 --micro-batch-size 2")
+def train(ctx: typer.Context, config: str = typer.Argument(None, help="YAML config file (optional)"),
+          show_fields: bool = typer.Option(False, "--fields", help="list every config field and exit")):
+    """Fine-tune a model: QLoRA (default), LoRA or full. Writes OUT/adapter, OUT/run.json, OUT/metrics.jsonl."""
+    if show_fields:
+        typer.echo(_fields_help())
+        return
+    from lorafit.train.loop import train as run_training
+
+    cfg = load_config(config, ctx.args)
+    result = run_training(cfg)
+    typer.echo(f"adapter: {result.artifact_dir}\nrun record: {result.output_dir / 'run.json'}")
+
+
+@app.command()
+def generate(prompt: str = typer.Argument(..., help="user message"),
+             adapter: str = typer.Option(None, help="adapter folder written by lorafit train (or any PEFT LoRA)"),
+             model: str = typer.Option(None, help="base model (default: the adapter's base, else 'bundled')"),
+             system: str = typer.Option(None, help="system message"),
+             max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0),
+             device: str = typer.Option("auto")):
+    """Answer one prompt with the base model or base + adapter, through the chat template.
+
+    Example: lorafit generate --adapter runs/demo/adapter "Started lisinopril 10 mg PO daily."
+    """
+    from lorafit.infer import answer
+
+    typer.echo(answer(prompt, adapter=adapter, model=model, system=system, max_new_tokens=max_new_tokens,
+                      temperature=temperature, device=device))
+
+
+@app.command()
+def demo(output_dir: str = typer.Option("runs/demo", help="where data, adapter and reports go"),
+         max_steps: int = typer.Option(0, help="override the demo's step count (0: the tuned default)"),
+         device: str = typer.Option("auto")):
+    """The bundled example: medication extraction with SmolLM2-135M-Instruct, evaluated before and after QLoRA.
+
+    Runs in under 15 minutes on a 2-core CPU; much faster on a GPU.
+    """
+    from lorafit.demo import run_demo
+
+    run_demo(output_dir=output_dir, max_steps=max_steps, device=device)
+
+
+COMMANDS = {"train": train, "generate": generate, "demo": demo}
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except LorafitError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg="yellow", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Examples into rows, rows into micro-batches: packing without cross-talk, and a deterministic order for resume.
+
+A packed row holds several examples back to back. Each example's positions restart at 0 and its `seq_id` keeps
+attention inside it, so a packed row computes exactly what the examples would compute one by one. The first token
+of every example carries no label: unpacked, nothing predicts it; packed, only the previous example would.
+
+The stream of rows is a pure function of (examples, seed, epoch), so a resumed run rebuilds the same batches
+from the step number alone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from lorafit.data.example import IGNORE_INDEX, Example
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T], IGNORE_INDEX where no loss
+    position_ids: torch.Tensor  # [B, T]
+    seq_ids: torch.Tensor | None  # [B, T] example index within the row (packed), None when one example per row
+    num_targets: int
+    num_tokens: int  # real (non-pad) tokens
+
+    def to(self, device) -> Batch:
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.seq_ids),
+                     self.num_targets, self.num_tokens)
+
+
+def pack_rows(lengths: list[int], order: list[int], max_length: int) -> list[list[int]]:
+    """Next-fit packing in the given order: fill a row until the next example does not fit."""
+    rows: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        if current and used + lengths[i] > max_length:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        rows.append(current)
+    return rows
+
+
+def epoch_rows(examples: list[Example], max_length: int, packing: bool, seed: int, epoch: int) -> list[list[int]]:
+    order = list(range(len(examples)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    if not packing:
+        return [[i] for i in order]
+    return pack_rows([len(e) for e in examples], order, max_length)
+
+
+def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packing: bool) -> Batch:
+    width = max(sum(len(examples[i]) for i in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    seq_ids = torch.full((B, width), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        start = 0
+        for s, i in enumerate(row):
+            ex = examples[i]
+            n = len(ex)
+            input_ids[b, start:start + n] = torch.tensor(ex.input_ids)
+            labels[b, start:start + n] = torch.tensor(ex.labels)
+            labels[b, start] = IGNORE_INDEX
+            position_ids[b, start:start + n] = torch.arange(n)
+            seq_ids[b, start:start + n] = s
+            start += n
+        position_ids[b, start:] = torch.arange(width - start)  # padding: any valid positions, never attended to
+    num_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    num_tokens = int((seq_ids >= 0).sum())
+    several = packing and any(len(row) > 1 for row in rows)
+    return Batch(input_ids, labels, position_ids, seq_ids if several else None, num_targets, num_tokens)
+
+
+class BatchStream:
+    """Micro-batch k of the run, across epochs: rows of epoch 0, then epoch 1, ... cut into micro_batch_size."""
+
+    def __init__(self, examples: list[Example], max_length: int, packing: bool, micro_batch_size: int, seed: int,
+                 pad_id: int):
+        if not examples:
+            raise ValueError("no training examples")
+        self.examples, self.max_length, self.packing = examples, max_length, packing
+        self.micro_batch_size, self.seed, self.pad_id = micro_batch_size, seed, pad_id
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def rows(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: epoch_rows(self.examples, self.max_length, self.packing, self.seed, epoch)}
+        return self._epochs[epoch]
+
+    def micro_batches_per_epoch(self) -> float:
+        return len(self.rows(0)) / self.micro_batch_size
+
+    def micro_batch(self, k: int) -> tuple[Batch, float]:
+        """The k-th micro-batch and the (fractional) epoch it ends in."""
+        start = k * self.micro_batch_size
+        epoch, rows_before = 0, 0
+        while rows_before + len(self.rows(epoch)) <= start:
+            rows_before += len(self.rows(epoch))
+            epoch += 1
+        picked: list[list[int]] = []
+        index = start - rows_before
+        while len(picked) < self.micro_batch_size:
+            rows = self.rows(epoch)
+            take = rows[index:index + self.micro_batch_size - len(picked)]
+            picked += take
+            index += len(take)
+            if index >= len(rows):
+                epoch, index = epoch + 1, 0
+        return collate(self.examples, picked, self.pad_id, self.packing), epoch + index / max(len(self.rows(epoch)), 1)

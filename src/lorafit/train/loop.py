@@ -1,0 +1,163 @@
+"""The training loop: one function, read top to bottom. QLoRA, LoRA and full fine-tuning share it; they differ
+only in how the model is wrapped before the loop starts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafit.config import Config, config_to_dict
+from lorafit.data.batching import BatchStream
+from lorafit.data.build import build_datasets
+from lorafit.data.tokenize import ensure_chat_template
+from lorafit.errors import LorafitError
+from lorafit.eval.evaluate import evaluate_run, load_eval_conversations
+from lorafit.model.load import load_model, model_identity
+from lorafit.model.lora import apply_lora, save_adapter
+from lorafit.train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from lorafit.train.loss import target_loss_sum
+from lorafit.train.optim import build_optimizer, build_scheduler
+from lorafit.train.progress import Progress
+from lorafit.train.record import MetricsLog, data_fingerprint, library_versions, write_json_atomic
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    artifact_dir: Path  # adapter/ (qlora, lora) or model/ (full)
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LorafitError(f"device '{name}' asked for, but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def train(cfg: Config, progress: Progress | None = None) -> RunResult:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = progress or Progress()
+    device = resolve_device(cfg.device)
+    # GPU: bf16 weights and compute (fp32 LoRA masters under autocast); CPU: fp32 throughout (bf16 is slow there).
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.method != "full" else torch.float32
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # 1. model and data
+    progress.say(f"loading {cfg.model.path} ({cfg.method}) on {device}")
+    loaded = load_model(cfg.model.path, device, dtype, quantize=cfg.method == "qlora",
+                        trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    train_examples, val_examples, train_report, val_report = build_datasets(cfg.data, tokenizer, cfg.seed)
+    progress.data_report(train_report, val_report)
+    eval_conversations = load_eval_conversations(cfg, val_report) if cfg.eval.metrics else []
+
+    # 2. wrap: adapters on a frozen base, or everything trainable
+    if cfg.method in ("qlora", "lora"):
+        apply_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    progress.say(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
+                 f"of {sum(p.numel() for p in model.parameters()):,}")
+
+    # 3. schedule, optimizer, resume
+    pad_id = tokenizer.pad_token_id
+    stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.micro_batch_size, cfg.seed, pad_id)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.micro_batches_per_epoch() / cfg.grad_accum))
+    optimizer = build_optimizer(trainable, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, device)
+    scheduler = build_scheduler(optimizer, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    start_step, before = 0, {}
+    checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
+    if checkpoint:
+        meta = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start_step, before = meta["step"], meta.get("before", {})
+        progress.say(f"resumed from {checkpoint} at step {start_step}")
+    log = MetricsLog(out, keep_until_step=start_step)
+
+    def evaluate(tag: str, generation: bool) -> dict:
+        return evaluate_run(model, tokenizer, val_examples, eval_conversations if generation else [], cfg, tag, out,
+                            autocast)
+
+    # 4. the base model before any step (LoRA's B starts at zero, so this is the base exactly)
+    if cfg.eval.before_training and start_step == 0:
+        before = evaluate("before", generation=True)
+        progress.scores("base model", before)
+        log.write({"step": 0, **{f"eval/{k}": v for k, v in before.items() if isinstance(v, (int, float))}})
+
+    # 5. train
+    model.train()
+    progress.start(total_steps, start_step)
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        micro = [stream.micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+        num_targets = max(1, sum(batch.num_targets for batch, _ in micro))
+        loss_sum = 0.0
+        for batch, _ in micro:
+            batch = batch.to(device)
+            with autocast() if autocast else contextlib.nullcontext():
+                hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids)
+                batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
+            # divide by the targets of the whole accumulated batch: accumulation then equals one large batch
+            (batch_loss / num_targets).backward()
+            loss_sum += float(batch_loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = sum(batch.num_tokens for batch, _ in micro)
+        record = {"step": step + 1, "loss": loss_sum / num_targets, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tokens / seconds,
+                  "epoch": round(micro[-1][1], 4), "targets": num_targets}
+        if device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        last = step + 1 == total_steps
+        if cfg.val_every and (step + 1) % cfg.val_every == 0 and not last and val_examples:
+            scores = evaluate(f"step{step + 1}", generation=bool(cfg.eval.every) and (step + 1) % cfg.eval.every == 0)
+            record.update({f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+            progress.scores(f"step {step + 1}", scores)
+        if (step + 1) % cfg.log_every == 0 or last:
+            log.write(record)
+        progress.step(record)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+            save_checkpoint(out, step + 1, model, optimizer, scheduler, {"before": before}, cfg.keep_checkpoints)
+    progress.finish()
+
+    # 6. artifacts, then the fine-tuned model's scores
+    artifact = out / ("adapter" if cfg.method != "full" else "model")
+    if cfg.method == "full":
+        from lorafit.export.full import save_full_model
+
+        save_full_model(model, tokenizer, artifact)
+    else:
+        save_adapter(model, artifact, cfg.lora, base_model=str(loaded.path))
+    after = evaluate("after", generation=True)
+    progress.scores("fine-tuned", after)
+    log.write({"step": total_steps, **{f"eval/{k}": v for k, v in after.items() if isinstance(v, (int, float))}})
+    run = {
+        "config": config_to_dict(cfg), "base_model": model_identity(loaded.path),
+        "data": {"train": data_fingerprint(cfg.data.train), "val": data_fingerprint(cfg.data.val) if cfg.data.val
+                 else None, "train_report": train_report.__dict__, "val_report": val_report.__dict__},
+        "versions": library_versions(), "steps": total_steps, "metrics": {"before": before, "after": after},
+        "final_train_loss": log.last_loss,
+    }
+    write_json_atomic(out / "run.json", run)
+    return RunResult(out, artifact, before, after, log.history)
