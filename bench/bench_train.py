@@ -1,0 +1,110 @@
+"""Training throughput and peak memory of lorafit's real `train()` path on random weights of real shapes.
+
+    python bench/bench_train.py qwen2.5-1.5b 1024 2 [--cap-gb 12] [--method qlora] [--steps 7]
+
+Prints one `RESULT {...}` line in the format of shared/anchors/anchor_step.py (tokens/s = median of steps 3..N,
+peak allocated and reserved GPU memory), so both land in one table. Speed and memory do not depend on weight
+values, so the checkpoint is random; it is built once under /tmp/models (GPU machine) from bench/shapes.yaml.
+Every row is a full document of exactly SEQ tokens and every token carries loss, as in the anchor script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+SHAPES = yaml.safe_load((Path(__file__).parent / "shapes.yaml").read_text())
+
+
+def make_checkpoint(name: str, root: Path = Path("/tmp/models")) -> Path:
+    path = root / name
+    if (path / "done").exists():
+        return path
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    shape = dict(SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["hello world fine tuning with low rank adapters"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            unk_token="<unk>").save_pretrained(path)
+    (path / "done").write_text("1")
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def write_documents(path: Path, n: int, seq: int) -> Path:
+    """Text documents longer than SEQ tokens (truncated to SEQ by the data pipeline): every row is full."""
+    rng = random.Random(0)
+    words = "hello world fine tuning with low rank adapters".split()
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choices(words, k=seq + 16))}) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("seq", type=int)
+    parser.add_argument("batch", type=int)
+    parser.add_argument("--cap-gb", type=float, default=0.0, help="cap the allocator to emulate a smaller card")
+    parser.add_argument("--method", default="qlora")
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    args = parser.parse_args()
+
+    from lorafit.config import load_config
+    from lorafit.train.loop import train
+    from lorafit.train.progress import Progress
+
+    ckpt = make_checkpoint(args.model)
+    if args.cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total)
+    torch.cuda.reset_peak_memory_stats()
+    work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_work"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = write_documents(work / f"docs_{args.seq}.jsonl", args.batch * args.steps + 4, args.seq)
+    cfg = load_config(overrides={
+        "model": {"path": str(ckpt)}, "method": args.method,
+        "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": False},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "eval": {"before_training": False},
+        "output_dir": str(work / "run"), "max_steps": args.steps, "micro_batch_size": args.batch,
+        "learning_rate": 2e-4, "gradient_checkpointing": not args.no_checkpointing, "optimizer": "paged_adamw_8bit",
+        "warmup_ratio": 0.0,
+    })
+    status = "ok"
+    try:
+        result = train(cfg, Progress(quiet=True))
+        history = [r for r in result.history if "tokens_per_s" in r]
+        step_s = statistics.median([r["tokens"] / r["tokens_per_s"] for r in history[2:] or history])
+        tok_s, loss = args.batch * args.seq / step_s, history[-1]["loss"]
+    except torch.OutOfMemoryError:
+        status, step_s, tok_s, loss = "out of memory", None, None, None
+    print("RESULT", json.dumps(dict(
+        cap_gb=args.cap_gb, stack="lorafit", method=args.method, model=args.model, seq=args.seq, bs=args.batch,
+        status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        step_s=round(step_s, 3) if step_s else None, tok_s=round(tok_s) if tok_s else None,
+        loss=round(loss, 3) if loss else None)), flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
