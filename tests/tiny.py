@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
 FAMILIES = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
@@ -23,7 +23,7 @@ CORPUS = ["hello world fine tuning with low rank adapters", "the quick brown fox
           "system user assistant 0123456789 .,:;!?'\"{}[]()-_/"]
 
 
-def make_tiny_tokenizer(vocab_size: int = 256):
+def make_tiny_tokenizer(vocab_size: int = 320):
     """A byte-level BPE with ChatML specials and no chat template (lorafit must add ChatML)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -1,4 +1,4 @@
-"""Records from disk: JSONL, JSON, Parquet and CSV files, or a folder of them, each record tagged with where it came from.
+"""Records from disk: JSONL, JSON, Parquet and CSV files, or a folder of them, each tagged with where it came from.
 
 JSON and JSONL go through the stdlib `json` module line by line, so every error names the file and line. Parquet and
 CSV go through `datasets` (imported only when such a file is read: the GPU image does not ship it).
@@ -80,7 +80,8 @@ def _check_object(value, source: str, sink: _Sink) -> Record | None:
 
 
 def _kind(value) -> str:
-    names = {list: "a list", str: "a string", bool: "true/false", type(None): "null", int: "a number", float: "a number"}
+    names = {list: "a list", str: "a string", bool: "true/false", type(None): "null", int: "a number",
+             float: "a number"}
     return names.get(type(value), type(value).__name__)
 
 
@@ -220,12 +221,13 @@ def _load_with_datasets(kind: str, path: Path, header: list[str] | None = None, 
                         "pip install 'lorafit[data]', or convert the file to .jsonl") from None
     if header is not None:
         kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
-    quiet = datasets.is_progress_bar_enabled()
+    bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # lorafit prints its own data report; a bar per small file is noise
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs).to_list()
-    except Exception as e:  # pyarrow and pandas raise many types for a broken file; the user needs the file and why
-        raise DataError(f"{path}: cannot read as {kind} ({type(e).__name__}: {str(e)[:300]})") from None
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        cause = e.__cause__ or e  # DatasetGenerationError only says "an error occurred"; pandas/pyarrow say what
+        raise DataError(f"{path}: cannot read as {kind} ({type(cause).__name__}: {str(cause)[:300]})") from None
     finally:
-        if quiet:
+        if bars:
             datasets.enable_progress_bars()
