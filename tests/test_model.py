@@ -59,7 +59,7 @@ def test_nf4_model_is_close_to_dense_and_frozen(tmp_path):
     folder, _ = make_tiny_checkpoint(tmp_path, "llama")
     dense = load_model(str(folder)).model.eval()
     nf4 = load_model(str(folder), quantize=True).model.eval()
-    assert type(nf4.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert type(nf4.model.layers[0].self_attn.q_proj).__name__ == "NF4Linear"
     assert type(nf4.lm_head).__name__ == "Linear"  # head and embeddings stay 16-bit
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
@@ -96,3 +96,32 @@ def test_adapter_round_trip_through_peft(tmp_path, quantize):
         base = hf_model.get_base_model()(input_ids=ids).logits if hasattr(hf_model, "get_base_model") else None
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
     assert base is None or (base - theirs).abs().max() > 1e-3  # the adapter really changed the output
+
+
+def test_nf4_gradients_unchanged_by_an_eval_pass(tmp_path):
+    """Regression: bitsandbytes' Linear4bit repacks its weight in eval mode on AVX512-BF16 CPUs, after which
+    backward is silently wrong. Evaluating before training must leave the gradients exactly as they were."""
+    folder, _ = make_tiny_checkpoint(tmp_path, "llama")
+    model = load_model(str(folder), quantize=True).model
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.1)
+    ids = torch.randint(0, 256, (2, 16))
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model.logits(model(ids)).logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model.logits(model(ids[:, :5]))
+        cache = KVCache(len(model.model.layers))
+        model(ids[:1, :1], cache=cache)  # the single-token decode path too
+    after = grads()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=0, rtol=0)

@@ -119,9 +119,11 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
 
 def _move_dense(model: torch.nn.Module, device, dtype):
+    from lorafit.model.quantize import is_nf4
+
     """Move everything but the NF4 weights (already on device) to `device`, floating tensors in `dtype`."""
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
+        if is_nf4(module):
             continue
         for name, p in list(module.named_parameters(recurse=False)):
             p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)

@@ -18,8 +18,35 @@ def is_quantizable(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and ".layers." in f".{name}"
 
 
+class NF4Linear(nn.Module):
+    """A frozen linear whose weight is NF4 (bitsandbytes Params4bit); y = x W^T + b with W dequantized on the fly.
+
+    Our own module rather than bitsandbytes' Linear4bit: on CPUs with AVX512-BF16, Linear4bit repacks its weight
+    the first time it runs in eval mode, and from then on backward runs through a kernel without autograd, so
+    the gradients are silently wrong. Evaluating the base model before training triggered exactly that.
+    """
+
+    def __init__(self, weight, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        self.weight = weight
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.compute_dtype = compute_dtype
+        self.out_features, self.in_features = weight.quant_state.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        dtype = x.dtype
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        y = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, bias=bias, quant_state=self.weight.quant_state)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, compute={self.compute_dtype}"
+
+
 def quantize_nf4(model: nn.Module, device: torch.device | str, compute_dtype: torch.dtype) -> nn.Module:
-    """Replace every decoder nn.Linear by a frozen bitsandbytes Linear4bit on `device`, one layer at a time.
+    """Replace every decoder nn.Linear by a frozen NF4Linear on `device`, one layer at a time.
 
     Layer by layer keeps peak memory at one 16-bit matrix beyond the quantized model, so a model whose 16-bit
     weights would not fit the card still loads.
@@ -31,19 +58,11 @@ def quantize_nf4(model: nn.Module, device: torch.device | str, compute_dtype: to
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if not is_quantizable(name, child):
                 continue
-            quantized = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=compute_dtype,
-                compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8, device="meta",
-            )
-            weight = child.weight.data.to(device=device, dtype=compute_dtype if compute_dtype != torch.float32
-                                          else torch.float32)
-            quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
-                                                 quant_type="nf4", blocksize=NF4_BLOCKSIZE)
-            if child.bias is not None:
-                quantized.bias = nn.Parameter(child.bias.data.to(device, compute_dtype), requires_grad=False)
-            quantized = quantized.to(device)  # Params4bit quantizes when it reaches the device
-            setattr(parent, child_name, quantized)
-            del weight
+            weight = bnb.nn.Params4bit(child.weight.data.to(device=device, dtype=compute_dtype), requires_grad=False,
+                                       compress_statistics=True, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
+            weight = weight.to(device)  # Params4bit quantizes when it reaches a device
+            bias = child.bias.data.to(device, compute_dtype) if child.bias is not None else None
+            setattr(parent, child_name, NF4Linear(weight, bias, compute_dtype))
     return model
 
 
@@ -57,4 +76,4 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
 
 
 def is_nf4(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit"
+    return isinstance(module, NF4Linear)

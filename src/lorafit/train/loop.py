@@ -115,7 +115,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                 batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
             # divide by the targets of the whole accumulated batch: accumulation then equals one large batch
             (batch_loss / num_targets).backward()
-            loss_sum += float(batch_loss)
+            loss_sum += float(batch_loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         optimizer.step()
         scheduler.step()
