@@ -31,7 +31,10 @@ def train(ctx: typer.Context, config: str = typer.Argument(None, help="YAML conf
         return
     from lorafit.train.loop import train as run_training
 
-    cfg = load_config(config, ctx.args)
+    overrides = list(ctx.args)
+    if config is not None and config.startswith("--"):  # no config file: the first flag landed in CONFIG
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
     result = run_training(cfg)
     typer.echo(f"adapter: {result.artifact_dir}\nrun record: {result.output_dir / 'run.json'}")
 

@@ -238,7 +238,7 @@ class CausalLM(nn.Module):
 def build_mask(position_ids, seq_ids, key_padding, past: int, window: int | None):
     """Boolean attention mask [B, 1, T, S] (True = attend), or None for plain causal attention."""
     B, T = position_ids.shape
-    if seq_ids is None and key_padding is None and past == 0 and (window is None or T <= window):
+    if seq_ids is None and key_padding is None and past == 0 and (window is None or window >= T):
         return None
     device = position_ids.device
     q_index = torch.arange(past, past + T, device=device)

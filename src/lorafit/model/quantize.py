@@ -14,6 +14,16 @@ from torch import nn
 NF4_BLOCKSIZE = 64
 
 
+def import_bitsandbytes():
+    """bitsandbytes, without its warning about an optional CPU kernel package we do not use."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
 def is_quantizable(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and ".layers." in f".{name}"
 
@@ -34,8 +44,7 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = weight.quant_state.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes as bnb
-
+        bnb = import_bitsandbytes()
         dtype = x.dtype
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
         y = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, bias=bias, quant_state=self.weight.quant_state)
@@ -51,8 +60,7 @@ def quantize_nf4(model: nn.Module, device: torch.device | str, compute_dtype: to
     Layer by layer keeps peak memory at one 16-bit matrix beyond the quantized model, so a model whose 16-bit
     weights would not fit the card still loads.
     """
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name

@@ -4,7 +4,6 @@ only in how the model is wrapped before the loop starts."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -35,6 +34,12 @@ class RunResult:
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)  # scores of the best evaluation during training, with its "step"
+    stopped_early: bool = False
+
+
+def lower_is_better(metric: str) -> bool:
+    return "loss" in metric or "perplexity" in metric
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,11 +87,11 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.micro_batches_per_epoch() / cfg.grad_accum))
     optimizer = build_optimizer(trainable, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
-    start_step, before = 0, {}
+    start_step, before, best, evals_since_best, stopped_early = 0, {}, {}, 0, False
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint:
         meta = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        start_step, before = meta["step"], meta.get("before", {})
+        start_step, before, best = meta["step"], meta.get("before", {}), meta.get("best", {})
         progress.say(f"resumed from {checkpoint} at step {start_step}")
     log = MetricsLog(out, keep_until_step=start_step)
 
@@ -134,11 +139,28 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             scores = evaluate(f"step{step + 1}", generation=bool(cfg.eval.every) and (step + 1) % cfg.eval.every == 0)
             record.update({f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
             progress.scores(f"step {step + 1}", scores)
+            value = scores.get(cfg.eval.best_metric)
+            if value is not None:
+                sign = 1 if lower_is_better(cfg.eval.best_metric) else -1
+                if not best or sign * value < sign * best[cfg.eval.best_metric]:
+                    best, evals_since_best = {"step": step + 1, **scores}, 0
+                    if cfg.method != "full":
+                        save_adapter(model, out / "best", cfg.lora, base_model=str(loaded.path))
+                else:
+                    evals_since_best += 1
+                if cfg.eval.patience and evals_since_best >= cfg.eval.patience:
+                    stopped_early = True
+                    progress.say(f"early stop at step {step + 1}: {cfg.eval.best_metric} has not improved for "
+                                 f"{evals_since_best} evaluations (best {best[cfg.eval.best_metric]:.4g} at step "
+                                 f"{best['step']}); the best adapter is in {out / 'best'}")
         if (step + 1) % cfg.log_every == 0 or last:
             log.write(record)
         progress.step(record)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-            save_checkpoint(out, step + 1, model, optimizer, scheduler, {"before": before}, cfg.keep_checkpoints)
+            save_checkpoint(out, step + 1, model, optimizer, scheduler, {"before": before, "best": best},
+                            cfg.keep_checkpoints)
+        if stopped_early:
+            break
     progress.finish()
 
     # 6. artifacts, then the fine-tuned model's scores
@@ -151,13 +173,16 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
         save_adapter(model, artifact, cfg.lora, base_model=str(loaded.path))
     after = evaluate("after", generation=True)
     progress.scores("fine-tuned", after)
-    log.write({"step": total_steps, **{f"eval/{k}": v for k, v in after.items() if isinstance(v, (int, float))}})
+    last_step = step + 1 if total_steps > start_step else start_step
+    log.write({"step": last_step, **{f"eval/{k}": v for k, v in after.items() if isinstance(v, (int, float))}})
     run = {
         "config": config_to_dict(cfg), "base_model": model_identity(loaded.path),
         "data": {"train": data_fingerprint(cfg.data.train), "val": data_fingerprint(cfg.data.val) if cfg.data.val
                  else None, "train_report": train_report.__dict__, "val_report": val_report.__dict__},
-        "versions": library_versions(), "steps": total_steps, "metrics": {"before": before, "after": after},
+        "versions": library_versions(), "steps": last_step, "stopped_early": stopped_early,
+        "metrics": {"before": before, "best": best, "after": after},
         "final_train_loss": log.last_loss,
     }
     write_json_atomic(out / "run.json", run)
-    return RunResult(out, artifact, before, after, log.history)
+    progress.summary(before, best, after)
+    return RunResult(out, artifact, before, after, log.history, best, stopped_early)

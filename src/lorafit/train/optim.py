@@ -13,8 +13,9 @@ def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weig
         name = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    import bitsandbytes as bnb
+    from lorafit.model.quantize import import_bitsandbytes
 
+    bnb = import_bitsandbytes()
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
 

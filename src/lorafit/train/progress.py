@@ -64,6 +64,18 @@ class Progress:
             self._bar.stop()
             self._bar = None
 
+    def summary(self, before: dict, best: dict, after: dict) -> None:
+        """Base model, best evaluation during training and final adapter, side by side."""
+        columns = [("base model", before), (f"best (step {best.get('step')})", best), ("final", after)]
+        columns = [(name, scores) for name, scores in columns if scores]
+        keys = [k for k in dict.fromkeys([*before, *best, *after])
+                if k != "step" and any(isinstance(s.get(k), (int, float)) for _, s in columns)]
+        if self.quiet or not keys:
+            return
+        cell = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        self.table("evaluation", ["metric"] + [n for n, _ in columns], [[k] + [cell(s.get(k)) for _, s in columns]
+                                                                         for k in keys])
+
     def table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
         table = Table(title=title)
         for c in columns:
