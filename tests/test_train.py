@@ -96,8 +96,8 @@ def test_packing_without_boundaries_would_differ(lora_model):
     assert abs(float(isolated) - float(leaky)) > 1e-4
 
 
-def tiny_config(tmp_path, folder, data, **overrides):
-    settings = {"model": {"path": str(folder)}, "method": "lora", "data": {"train": str(data), "max_length": 64},
+def tiny_config(tmp_path, folder, train_file, **overrides):
+    settings = {"model": {"path": str(folder)}, "method": "lora", "data": {"train": str(train_file), "max_length": 64},
                 "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "output_dir": str(tmp_path / "run"), "max_steps": 8,
                 "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 1e-2, "eval": {"before_training": False},
                 "device": "cpu"}
