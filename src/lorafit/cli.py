@@ -98,8 +98,13 @@ COMMANDS = {"train": train, "generate": generate, "eval": eval_command, "demo": 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lorafit.train.faults import Interrupted
+
     try:
         app(args=argv, standalone_mode=False)
+    except Interrupted as e:
+        typer.secho(f"stopped: {e}", fg="yellow", err=True)
+        sys.exit(130)
     except LorafitError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)

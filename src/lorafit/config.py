@@ -114,6 +114,7 @@ class Config:
         "auto: paged 8-bit AdamW on GPU, AdamW on CPU", default="auto")
     gradient_checkpointing: bool = _help("recompute layer activations in backward: far less memory, ~30% slower",
                                          default=True)
+    max_bad_steps: int = _help("stop after this many NaN/Inf steps in a row (each one is skipped)", default=5)
     seed: int = _help("seed for data order, adapter init and dropout", default=0)
     device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
     log_every: int = _help("steps between metric lines", default=1)

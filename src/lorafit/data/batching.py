@@ -83,14 +83,16 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packing
 
 
 class BatchStream:
-    """Micro-batch k of the run, across epochs: rows of epoch 0, then epoch 1, ... cut into micro_batch_size."""
+    """The run's rows in order, across epochs (epoch 0's rows, then epoch 1's, ...), addressed by row index.
 
-    def __init__(self, examples: list[Example], max_length: int, packing: bool, micro_batch_size: int, seed: int,
-                 pad_id: int):
+    Addressing by row (not by micro-batch) lets the micro-batch size change mid-run (after an out-of-memory
+    error) while each optimizer step still sees exactly the same rows.
+    """
+
+    def __init__(self, examples: list[Example], max_length: int, packing: bool, seed: int, pad_id: int):
         if not examples:
             raise ValueError("no training examples")
-        self.examples, self.max_length, self.packing = examples, max_length, packing
-        self.micro_batch_size, self.seed, self.pad_id = micro_batch_size, seed, pad_id
+        self.examples, self.max_length, self.packing, self.seed, self.pad_id = examples, max_length, packing, seed, pad_id
         self._epochs: dict[int, list[list[int]]] = {}
 
     def rows(self, epoch: int) -> list[list[int]]:
@@ -98,21 +100,20 @@ class BatchStream:
             self._epochs = {epoch: epoch_rows(self.examples, self.max_length, self.packing, self.seed, epoch)}
         return self._epochs[epoch]
 
-    def micro_batches_per_epoch(self) -> float:
-        return len(self.rows(0)) / self.micro_batch_size
+    def rows_per_epoch(self) -> int:
+        return len(self.rows(0))
 
-    def micro_batch(self, k: int) -> tuple[Batch, float]:
-        """The k-th micro-batch and the (fractional) epoch it ends in."""
-        start = k * self.micro_batch_size
+    def batch(self, start: int, count: int) -> tuple[Batch, float]:
+        """Rows start..start+count of the run as one batch, and the (fractional) epoch reached."""
         epoch, rows_before = 0, 0
         while rows_before + len(self.rows(epoch)) <= start:
             rows_before += len(self.rows(epoch))
             epoch += 1
         picked: list[list[int]] = []
         index = start - rows_before
-        while len(picked) < self.micro_batch_size:
+        while len(picked) < count:
             rows = self.rows(epoch)
-            take = rows[index:index + self.micro_batch_size - len(picked)]
+            take = rows[index:index + count - len(picked)]
             picked += take
             index += len(take)
             if index >= len(rows):

@@ -20,7 +20,8 @@ from lorafit.errors import LorafitError
 from lorafit.eval.evaluate import evaluate_run, load_eval_conversations
 from lorafit.model.load import load_model, model_identity
 from lorafit.model.lora import apply_lora, save_adapter
-from lorafit.train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from lorafit.train.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from lorafit.train.faults import Interrupted, StopRequest
 from lorafit.train.loss import target_loss_sum
 from lorafit.train.optim import build_optimizer, build_scheduler
 from lorafit.train.progress import Progress
@@ -83,11 +84,12 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
 
     # 3. schedule, optimizer, resume
     pad_id = tokenizer.pad_token_id
-    stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.micro_batch_size, cfg.seed, pad_id)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.micro_batches_per_epoch() / cfg.grad_accum))
+    stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.seed, pad_id)
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.rows_per_epoch() / rows_per_step))
     optimizer = build_optimizer(trainable, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
-    start_step, before, best, evals_since_best, stopped_early = 0, {}, {}, 0, False
+    start_step, before, best, evals_since_best, stopped_early, meta = 0, {}, {}, 0, False, {}
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint:
         meta = load_checkpoint(checkpoint, model, optimizer, scheduler)
@@ -105,62 +107,104 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
         progress.scores("base model", before)
         log.write({"step": 0, **{f"eval/{k}": v for k, v in before.items() if isinstance(v, (int, float))}})
 
-    # 5. train
+    # 5. train. Each step covers the same rows whatever the micro-batch size, so an out-of-memory retry with
+    # half the micro-batch and twice the accumulation trains on exactly the same effective batch.
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum
+    micro_batch_size = meta.get("micro_batch_size", cfg.micro_batch_size) if checkpoint else cfg.micro_batch_size
+    bad_steps_in_a_row, skipped_steps = 0, 0
+    stop = StopRequest()
     model.train()
     progress.start(total_steps, start_step)
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        micro = [stream.micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
-        num_targets = max(1, sum(batch.num_targets for batch, _ in micro))
-        loss_sum = 0.0
-        for batch, _ in micro:
-            batch = batch.to(device)
-            with autocast() if autocast else contextlib.nullcontext():
-                hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids)
-                batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
-            # divide by the targets of the whole accumulated batch: accumulation then equals one large batch
-            (batch_loss / num_targets).backward()
-            loss_sum += float(batch_loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        tokens = sum(batch.num_tokens for batch, _ in micro)
-        record = {"step": step + 1, "loss": loss_sum / num_targets, "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tokens / seconds,
-                  "epoch": round(micro[-1][1], 4), "targets": num_targets}
-        if device.type == "cuda":
-            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        last = step + 1 == total_steps
-        if cfg.val_every and (step + 1) % cfg.val_every == 0 and not last and val_examples:
-            scores = evaluate(f"step{step + 1}", generation=bool(cfg.eval.every) and (step + 1) % cfg.eval.every == 0)
-            record.update({f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
-            progress.scores(f"step {step + 1}", scores)
-            value = scores.get(cfg.eval.best_metric)
-            if value is not None:
-                sign = 1 if lower_is_better(cfg.eval.best_metric) else -1
-                if not best or sign * value < sign * best[cfg.eval.best_metric]:
-                    best, evals_since_best = {"step": step + 1, **scores}, 0
-                    if cfg.method != "full":
-                        save_adapter(model, out / "best", cfg.lora, base_model=str(loaded.path))
-                else:
-                    evals_since_best += 1
-                if cfg.eval.patience and evals_since_best >= cfg.eval.patience:
-                    stopped_early = True
-                    progress.say(f"early stop at step {step + 1}: {cfg.eval.best_metric} has not improved for "
-                                 f"{evals_since_best} evaluations (best {best[cfg.eval.best_metric]:.4g} at step "
-                                 f"{best['step']}); the best adapter is in {out / 'best'}")
-        if (step + 1) % cfg.log_every == 0 or last:
-            log.write(record)
-        progress.step(record)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-            save_checkpoint(out, step + 1, model, optimizer, scheduler, {"before": before, "best": best},
-                            cfg.keep_checkpoints)
-        if stopped_early:
-            break
+    step = start_step
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = [stream.batch(step * rows_per_step + j, micro_batch_size)
+                     for j in range(0, rows_per_step, micro_batch_size)]
+            num_targets = max(1, sum(batch.num_targets for batch, _ in micro))
+            hidden = batch_loss = None
+            try:
+                loss_sum = 0.0
+                for batch, _ in micro:
+                    batch = batch.to(device)
+                    with autocast() if autocast else contextlib.nullcontext():
+                        hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids)
+                        batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
+                    # divide by the targets of the whole accumulated batch: accumulation then equals one large batch
+                    (batch_loss / num_targets).backward()
+                    loss_sum += float(batch_loss.detach())
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                hidden = batch_loss = None  # they hold the failed step's activations
+                torch.cuda.empty_cache()
+                if micro_batch_size == 1:
+                    raise LorafitError("out of GPU memory at micro-batch 1: shorten data.max_length, turn on "
+                                       "gradient_checkpointing, or use method qlora (see `lorafit plan`)") from None
+                micro_batch_size //= 2
+                progress.say(f"out of GPU memory at step {step + 1}: micro-batch now {micro_batch_size}, accumulation "
+                             f"{rows_per_step // micro_batch_size} (effective batch unchanged); retrying the step")
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+                # a NaN/Inf step must not reach the weights; skip it, and stop if it keeps happening
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps_in_a_row, skipped_steps = bad_steps_in_a_row + 1, skipped_steps + 1
+                progress.say(f"step {step + 1}: loss or gradient is NaN/Inf, step skipped ({skipped_steps} so far)")
+                if bad_steps_in_a_row >= cfg.max_bad_steps:
+                    raise LorafitError(f"{bad_steps_in_a_row} steps in a row had NaN/Inf loss or gradients; stopped. "
+                                       "Lower learning_rate or check the data; the last checkpoint is kept"
+                                       + (f" ({list_checkpoints(out)[-1]})" if list_checkpoints(out) else ""))
+                scheduler.step()
+                step += 1
+                continue
+            bad_steps_in_a_row = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            tokens = sum(batch.num_tokens for batch, _ in micro)
+            record = {"step": step + 1, "loss": loss_sum / num_targets, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tokens / seconds,
+                      "epoch": round(micro[-1][1], 4), "targets": num_targets}
+            if device.type == "cuda":
+                record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            last = step + 1 == total_steps
+            if cfg.val_every and (step + 1) % cfg.val_every == 0 and not last and val_examples:
+                scores = evaluate(f"step{step + 1}", generation=bool(cfg.eval.every) and (step + 1) % cfg.eval.every == 0)
+                record.update({f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+                progress.scores(f"step {step + 1}", scores)
+                value = scores.get(cfg.eval.best_metric)
+                if value is not None:
+                    sign = 1 if lower_is_better(cfg.eval.best_metric) else -1
+                    if not best or sign * value < sign * best[cfg.eval.best_metric]:
+                        best, evals_since_best = {"step": step + 1, **scores}, 0
+                        if cfg.method != "full":
+                            save_adapter(model, out / "best", cfg.lora, base_model=str(loaded.path))
+                    else:
+                        evals_since_best += 1
+                    if cfg.eval.patience and evals_since_best >= cfg.eval.patience:
+                        stopped_early = True
+                        progress.say(f"early stop at step {step + 1}: {cfg.eval.best_metric} has not improved for "
+                                     f"{evals_since_best} evaluations (best {best[cfg.eval.best_metric]:.4g} at step "
+                                     f"{best['step']}); the best adapter is in {out / 'best'}")
+            if (step + 1) % cfg.log_every == 0 or last:
+                log.write(record)
+            progress.step(record)
+            step += 1
+            meta_out = {"before": before, "best": best, "micro_batch_size": micro_batch_size}
+            if stop.requested and not last:
+                path = save_checkpoint(out, step, model, optimizer, scheduler, meta_out, cfg.keep_checkpoints)
+                progress.finish()
+                raise Interrupted(f"{stop.signal_name}: checkpoint saved at step {step} in {path}; continue with "
+                                  f"`lorafit train ... --output-dir {out} --resume auto`")
+            if cfg.save_every and step % cfg.save_every == 0 and not last:
+                save_checkpoint(out, step, model, optimizer, scheduler, meta_out, cfg.keep_checkpoints)
+            if stopped_early:
+                break
+    finally:
+        stop.restore()
     progress.finish()
 
     # 6. artifacts, then the fine-tuned model's scores
@@ -173,7 +217,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
         save_adapter(model, artifact, cfg.lora, base_model=str(loaded.path))
     after = evaluate("after", generation=True)
     progress.scores("fine-tuned", after)
-    last_step = step + 1 if total_steps > start_step else start_step
+    last_step = step
     log.write({"step": last_step, **{f"eval/{k}": v for k, v in after.items() if isinstance(v, (int, float))}})
     run = {
         "config": config_to_dict(cfg), "base_model": model_identity(loaded.path),

@@ -1,0 +1,282 @@
+"""Peak GPU memory of one lorafit training step, as plain arithmetic over the model's shapes.
+
+Everything here models lorafit's own path: `model/load.py` + `model/quantize.py` (NF4 through bitsandbytes,
+blocksize 64, double quantization), `model/lora.py` (fp32 A/B, bf16 update), `model/llama.py` (sdpa, one
+torch.utils.checkpoint per decoder layer), `train/loss.py` (1024-token chunks of fp32 logits, recomputed in
+backward) and `train/loop.py` (bf16 weights on GPU, paged AdamW 8-bit). Sizes are in bytes, each tensor rounded up
+to the caching allocator's 512-byte block, so `allocated` predicts torch.cuda.max_memory_allocated.
+
+The step's peak is at one of a few moments, and `estimate` returns the largest:
+- `loss`: backward of the first loss chunk (log-softmax output, its gradient and the log-softmax backward output,
+  three fp32 [chunk, vocab] tensors at once) on top of everything the forward left alive;
+- `layer`: backward of the last decoder layer, where the checkpointed layer has been recomputed and the MLP's
+  gradients are being formed (with checkpointing, the saved layer inputs of every layer are alive);
+- `optimizer`: clip + optimizer step, with every LoRA gradient alive.
+`plan.trace` runs lorafit's real model and loss code on the meta device to check these formulas tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorafit.plan.presets import ALL_LINEAR, Card, Shape
+
+LOSS_CHUNK_TOKENS = 1024  # lorafit.train.loss.LOSS_CHUNK_TOKENS
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state buffer only from 1e5 elements (Optimizer8bit.get_state_buffer)
+MIN_8BIT_NUMEL = 4096  # below this, bitsandbytes keeps 32-bit states (min_8bit_size)
+METHODS = ("qlora", "lora", "full")
+
+
+def blk(n: int | float) -> int:
+    """CUDA caching allocator block: every tensor takes a multiple of 512 bytes (at least 512)."""
+    n = int(n)
+    return 0 if n <= 0 else max(512, -(-n // 512) * 512)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the planner needs of a training run."""
+
+    method: str = "qlora"
+    seq: int = 2048  # tokens per row (data.max_length)
+    batch: int = 1  # rows per micro-batch (micro_batch_size)
+    checkpointing: bool = True
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+    packed: bool = False  # rows hold several examples, so attention needs a mask
+    optimizer: str = "paged_adamw_8bit"
+    targets: int | None = None  # tokens carrying loss per micro-batch; None: all (B * (T - 1)), the worst case
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+    @property
+    def target_tokens(self) -> int:
+        return self.targets if self.targets is not None else self.batch * (self.seq - 1)
+
+
+@dataclass
+class Line:
+    group: str  # weights | trainable | activations | loss | runtime
+    what: str
+    bytes: int
+    why: str = ""
+
+
+@dataclass
+class Estimate:
+    lines: list[Line]  # what is alive at the peak moment
+    moment: str  # loss | layer | optimizer
+    allocated: int  # predicted torch.cuda.max_memory_allocated
+    reserved: int = 0  # predicted torch.cuda.max_memory_reserved (filled by plan.allocator)
+    outside: list[Line] = field(default_factory=list)  # on the card but outside the allocator
+    moments: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def card_bytes(self) -> int:
+        """What the card must hold: the allocator's reservation plus what lives outside it."""
+        return self.reserved + sum(x.bytes for x in self.outside)
+
+
+# --- persistent: weights, adapters, optimizer ----------------------------------------------------------------------
+
+
+def nf4_bytes(n: int) -> tuple[int, int]:
+    """(packed codes, quantization constants) of one NF4 weight of n elements, as bitsandbytes allocates them.
+
+    Codes: two 4-bit values per byte. Constants (double quantization): one uint8 absmax per 64-weight block, one
+    fp32 absmax per 256 of those, the fp32 offset, the 16-entry NF4 code and the 256-entry dynamic code of the
+    second level: 0.127 bits per weight plus ~2.5 KiB per matrix.
+    """
+    blocks = -(-n // 64)
+    return blk(-(-n // 2)), blk(blocks) + blk(4 * -(-blocks // 256)) + blk(4) + blk(64) + blk(1024)
+
+
+def weight_lines(shape: Shape, method: str) -> list[Line]:
+    """The frozen (or, for full, trained) model: decoder linears, embeddings/head, norms and biases."""
+    wb = 4 if method == "full" else 2  # full fine-tuning keeps fp32 master weights; LoRA/QLoRA a bf16 base
+    codes = consts = dense = bias = 0
+    for _, i, o, has_bias in shape.linears():
+        if method == "qlora":
+            c, k = nf4_bytes(i * o)
+            codes, consts = codes + c, consts + k
+        else:
+            dense += blk(wb * i * o)
+        bias += blk(wb * o) if has_bias else 0
+    L, H = shape.layers, shape.hidden
+    emb = blk(wb * shape.vocab * H) * (1 if shape.tied else 2)
+    norms = (2 * L + 1) * blk(wb * H) + (2 * L * blk(wb * shape.head_dim) if shape.qk_norm else 0)
+    lines = []
+    if method == "qlora":
+        lines += [Line("weights", "decoder linears, NF4 codes", L * codes, "4 bits per weight"),
+                  Line("weights", "NF4 constants (double-quantized absmax)", L * consts, "0.127 bits per weight")]
+    else:
+        lines.append(Line("weights", f"decoder linears, {'fp32' if wb == 4 else 'bf16'}", L * dense,
+                          f"{wb} bytes per weight"))
+    head = "embedding (tied to the head)" if shape.tied else "embedding + LM head"
+    lines.append(Line("weights", f"{head}, {'fp32' if wb == 4 else 'bf16'}", emb, "kept 16-bit, never quantized"))
+    lines.append(Line("weights", "norms and biases", norms + L * bias, ""))
+    return lines
+
+
+def trainable_tensors(shape: Shape, run: Run) -> list[int]:
+    """Element counts of the trained tensors: LoRA A [r, in] and B [out, r] per targeted linear, or every weight."""
+    if run.method == "full":
+        out = [i * o for _, i, o, _ in shape.linears()] * shape.layers
+        return out + [shape.vocab * shape.hidden] * (1 if shape.tied else 2)
+    r = run.lora_r
+    per_layer = [n for name, i, o, _ in shape.linears() if name in run.lora_targets for n in (r * i, r * o)]
+    return per_layer * shape.layers
+
+
+def optimizer_bytes(tensors: list[int], optimizer: str) -> tuple[int, int]:
+    """(inside the allocator, paged outside it) of the optimizer states, once the first step has made them.
+
+    bitsandbytes AdamW 8-bit: two uint8 states per element plus two fp32 absmax per 256-element block; tensors
+    under 4096 elements keep two fp32 states. The paged variant puts state buffers of >= 1e5 elements in CUDA
+    unified memory (cudaMallocManaged): on the card while there is room, but invisible to PyTorch's allocator.
+    torch AdamW: two fp32 states per element.
+    """
+    inside = paged = 0
+    for n in tensors:
+        if optimizer == "adamw":
+            inside += 2 * blk(4 * n)
+            continue
+        if n < MIN_8BIT_NUMEL:
+            inside += 2 * blk(4 * n)
+            continue
+        states = 2 * blk(n)
+        if optimizer == "paged_adamw_8bit" and n >= PAGED_MIN_NUMEL:
+            paged += 2 * n
+        else:
+            inside += states
+        inside += 2 * blk(4 * -(-n // 256))
+    return inside, paged
+
+
+# --- activations ---------------------------------------------------------------------------------------------------
+
+
+def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, int]:
+    """Bytes per token one decoder layer keeps for its backward (what a checkpointed layer recomputes).
+
+    RMSNorm saves its fp32 input copy (4H) and the 1/rms scalar; the normed bf16 output (2H) is saved by the
+    projections' LoRA path (x @ A^T needs x for A's gradient). After rope, q and k are new tensors saved by
+    attention, v is saved as projected; flash attention (no mask) also saves its output and an fp32 log-sum-exp
+    per head, and never a T x T matrix. Each LoRA saves its rank-r middle (x A^T). The MLP saves gate and up
+    outputs, silu(gate) and the product fed to down_proj: four [tokens, I] tensors. The bf16 layer input and the
+    mid-layer residual are saved by nobody (norms keep their own fp32 copies).
+    """
+    H, I = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    lora = sum(1 for name, *_ in shape.linears() if name in run.lora_targets) if run.method != "full" else 0
+    qk_norm = 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads) if shape.qk_norm else 0  # Qwen3: fp32 q/k copies
+    return {
+        "norm inputs (fp32) and outputs": 2 * (4 * H + 4 + act * H) + qk_norm,
+        "attention q, k, v, output, log-sum-exp": act * (2 * q + 2 * kv) + 4 * shape.heads,
+        "LoRA middles (x A^T)": lora * act * run.lora_r,
+        "MLP gate, up, silu, product": 4 * act * I,
+    }
+
+
+def lora_casts_per_layer(shape: Shape, run: Run, act: int) -> int:
+    """LoRALinear casts A and B to the activation dtype on every call; matmul saves both casts for backward."""
+    if run.method == "full":
+        return 0
+    r = run.lora_r
+    return sum(blk(act * r * i) + blk(act * r * o) for name, i, o, _ in shape.linears() if name in run.lora_targets)
+
+
+def attention_scores_per_token(shape: Shape, run: Run, act: int) -> int:
+    """Bytes per token of attention scores when rows are packed: the mask rules out flash attention, and with GQA
+    (fewer kv heads) memory-efficient attention too, so sdpa runs its math path, which saves the softmax
+    [heads, T, T] and the kv heads expanded to all heads. Without GQA the efficient kernel takes the mask and only
+    the mask itself is materialised (bf16 bias [T, T] per row)."""
+    if not run.packed:
+        return 0
+    T = run.seq
+    if shape.kv_heads != shape.heads:
+        return act * shape.heads * T + 2 * act * shape.heads * shape.head_dim
+    return act * T
+
+
+def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
+    """Predicted peak allocated bytes of a training step (step 2 onwards: optimizer states exist)."""
+    if run.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {run.method!r}")
+    act = 2  # bf16 activations (autocast); full fine-tuning's fp32 residual stream is handled below
+    H, I, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
+    M, N = run.tokens, run.target_tokens
+    full = run.method == "full"
+    res = 4 if full else act  # full: fp32 embedding output, so the residual stream is fp32
+    ws = 2 * (card.cublas_workspace if card else 32 * 2**20)  # one cuBLAS workspace per thread: forward, autograd
+
+    persistent = weight_lines(shape, run.method)
+    tensors = trainable_tensors(shape, run)
+    p_bytes = sum(blk(4 * n) for n in tensors)
+    opt_in, opt_paged = optimizer_bytes(tensors, run.optimizer)
+    if not full:
+        persistent.append(Line("trainable", f"LoRA A/B (r={run.lora_r}), fp32", p_bytes,
+                               f"{sum(tensors):,} parameters x 4 bytes"))
+    persistent.append(Line("trainable", "optimizer states in the allocator", opt_in, "8-bit states of small tensors, "
+                                                                                      "absmax; paged ones below"))
+    persistent.append(Line("runtime", "cuBLAS workspaces", ws, "one per thread (forward, autograd backward)"))
+    base = sum(x.bytes for x in persistent)
+
+    saved = layer_saved_per_token(shape, run, act)
+    saved_tok = sum(saved.values()) + attention_scores_per_token(shape, run, act)
+    casts = lora_casts_per_layer(shape, run, act)
+    rope = 2 * blk(act * M * shape.head_dim)  # cos and sin [B, T, head_dim], shared by every layer
+    batch_ints = 3 * blk(8 * M)  # input ids, labels, positions (int64)
+    common = [Line("activations", "rope cos/sin, token ids, labels, positions", rope + batch_ints, ""),
+              Line("activations", "final hidden state (the loop holds it)", blk(act * H * M), "")]
+    if run.checkpointing:
+        common.insert(0, Line("activations", f"checkpointed layer inputs ({L} layers)", L * blk(res * H * M),
+                              f"{res} x hidden bytes per token per layer"))
+    else:
+        common.insert(0, Line("activations", f"saved activations ({L} layers, no checkpointing)",
+                              L * (blk(saved_tok * M) + casts), f"{saved_tok:,} bytes per token per layer"))
+    common_bytes = sum(x.bytes for x in common)
+
+    # moment 1: backward of the first loss chunk
+    C = min(N, LOSS_CHUNK_TOKENS)
+    chunks = -(-N // LOSS_CHUNK_TOKENS)
+    loss_lines = [Line("loss", "final norm fp32 input", blk(4 * H * M) + blk(4 * M), "saved by the final RMSNorm"),
+                  Line("loss", f"fp32 logits: 3 x [{C}, {V}]", 3 * blk(4 * C * V),
+                       "log-softmax output, its gradient, and log-softmax backward's output")]
+    if chunks > 1:
+        loss_lines.append(Line("loss", "gathered target states + their gradient", 2 * blk(act * H * N) + blk(24 * N),
+                               "kept for the chunk recomputes; gradient accumulated over chunks"))
+    if full:
+        loss_lines.append(Line("loss", "LM head weight gradient + bf16 cast", blk(4 * V * H) + blk(2 * V * H), ""))
+    loss_peak = base + common_bytes + sum(x.bytes for x in loss_lines)
+
+    # moment 2: backward of the last decoder layer
+    mlp = act * I * M
+    wq = blk(2 * H * I) + blk(H * I // 16) if run.method == "qlora" else 0  # dequantized down_proj + its absmax
+    # down_proj's input gradient is two matmuls (base, LoRA) and their sum: three [tokens, I] tensors while gate, up
+    # and silu are still saved and the product is freed (+2 over the saved set); before that, the first matmul runs
+    # against the dequantized weight (+1 and W)
+    layer_extra = max(2 * mlp, mlp + wq)
+    layer_lines = [Line("activations", "recomputed last layer (saved for backward)", blk(saved_tok * M) + casts,
+                        ", ".join(f"{k} {v:,}" for k, v in saved.items()) + " bytes per token"),
+                   Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),
+                        layer_extra, "down_proj's input gradient (two matmuls and their sum) while gate/up/silu live"),
+                   Line("activations", "gradient flowing back", blk(res * H * M), "")]
+    if not run.checkpointing:
+        layer_lines = layer_lines[1:]
+    layer_peak = base + common_bytes + sum(x.bytes for x in layer_lines)
+
+    # moment 3: optimizer step: every gradient alive
+    grads = sum(blk(4 * n) for n in tensors)
+    opt_lines = [Line("trainable", "gradients (fp32)", grads, ""),
+                 Line("trainable", "optimizer step temporaries", 2 * grads if run.optimizer == "adamw" else 0, "")]
+    opt_peak = base + sum(x.bytes for x in opt_lines) + (p_bytes if full else 0)
+
+    moments = {"loss": loss_peak, "layer": layer_peak, "optimizer": opt_peak}
+    moment = max(moments, key=moments.get)
+    lines = persistent + {"loss": common + loss_lines, "layer": common + layer_lines, "optimizer": opt_lines}[moment]
+    outside = [Line("runtime", "paged optimizer states (unified memory)", opt_paged,
+                    "outside the allocator; evicted to CPU when the card is full")] if opt_paged else []
+    return Estimate(lines, moment, moments[moment], outside=outside, moments=moments)
