@@ -51,7 +51,7 @@ def make_checkpoint(name: str, root: Path = Path("/tmp/models")) -> Path:
 def write_documents(path: Path, n: int, seq: int) -> Path:
     """Text documents longer than SEQ tokens (truncated to SEQ by the data pipeline): every row is full."""
     rng = random.Random(0)
-    words = "hello world fine tuning with low rank adapters".split()
+    words = ["hello", "world", "fine", "tuning", "with", "low", "rank", "adapters"]
     with open(path, "w") as f:
         for _ in range(n):
             f.write(json.dumps({"text": " ".join(rng.choices(words, k=seq + 16))}) + "\n")
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--method", default="qlora")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
     args = parser.parse_args()
 
     from lorafit.config import load_config
@@ -91,7 +92,7 @@ def main() -> None:
     })
     status = "ok"
     try:
-        result = train(cfg, Progress(quiet=True))
+        result = train(cfg, Progress(live=False, quiet=not args.log))
         history = [r for r in result.history if "tokens_per_s" in r]
         step_s = statistics.median([r["tokens"] / r["tokens_per_s"] for r in history[2:] or history])
         tok_s, loss = args.batch * args.seq / step_s, history[-1]["loss"]

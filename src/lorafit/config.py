@@ -33,6 +33,8 @@ class ModelConfig:
     path: str = _help("local Hugging Face folder, a .gguf file, or 'bundled' (SmolLM2-135M-Instruct)", default="bundled")
     trust_remote_code: bool = _help("allow the folder's own Python code to run (off: we never execute model code)",
                                     default=False)
+    allow_pickle: bool = _help("read .bin/.pt weights (PyTorch's restricted unpickler); off: safetensors only",
+                               default=False)
 
 
 @dataclass

@@ -120,3 +120,18 @@ def test_pickle_weights_are_refused(tmp_path):
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
     with pytest.raises(ModelError, match="pickle"):
         load_model(str(folder))
+    hf_state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    assert "x" in hf_state  # the opt-in path reads through the restricted unpickler
+
+
+def test_allow_pickle_reads_a_bin_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    folder, hf_model = make_tiny_checkpoint(tmp_path, "llama")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    model = load_model(str(folder), allow_pickle=True).model.eval()
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model(ids)), hf_model(input_ids=ids).logits, atol=2e-5, rtol=1e-4)

@@ -57,9 +57,13 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
-    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+    pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    if pickles and allow_pickle:
+        return pickles
+    if pickles:
         raise ModelError(f"{folder}: only pickle weights (.bin/.pt) found; pickle can run code when loaded, so lorafit "
-                         "reads safetensors only. Convert the checkpoint to safetensors first.")
+                         "reads safetensors only. Convert the checkpoint to safetensors, or pass --model.allow-pickle true "
+                         "if you trust its source.")
     raise ModelError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -85,8 +89,16 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     return tok
 
 
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
+    # only reached with allow_pickle; weights_only refuses any object but tensors and plain containers
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
 def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               quantize: bool = False, trust_remote_code: bool = False) -> Loaded:
+               quantize: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False) -> Loaded:
     """Build the model from `path`; with `quantize`, decoder linears become NF4 on `device` layer by layer."""
     folder = resolve_model_path(path)
     hf_config = read_hf_config(folder, trust_remote_code)
@@ -94,10 +106,8 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     with torch.device("meta"):
         model = CausalLM(args, hf_config)
     state = {}
-    for file in weight_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
+    for file in weight_files(folder, allow_pickle):
+        state.update(read_weights(file))
     expected = set(model.state_dict())
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)

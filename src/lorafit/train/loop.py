@@ -65,7 +65,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     # 1. model and data
     progress.say(f"loading {cfg.model.path} ({cfg.method}) on {device}")
     loaded = load_model(cfg.model.path, device, dtype, quantize=cfg.method == "qlora",
-                        trust_remote_code=cfg.model.trust_remote_code)
+                        trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     model, tokenizer = loaded.model, loaded.tokenizer
     ensure_chat_template(tokenizer)
     train_examples, val_examples, train_report, val_report = build_datasets(cfg.data, tokenizer, cfg.seed)
