@@ -18,6 +18,7 @@ from lorafit.data.build import build_datasets
 from lorafit.data.tokenize import ensure_chat_template
 from lorafit.errors import LorafitError
 from lorafit.eval.evaluate import evaluate_run, load_eval_conversations
+from lorafit.export.readme import write_adapter_readme
 from lorafit.model.load import load_model, model_identity
 from lorafit.model.lora import apply_lora, save_adapter
 from lorafit.train.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -223,10 +224,13 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
         "config": config_to_dict(cfg), "base_model": model_identity(loaded.path),
         "data": {"train": data_fingerprint(cfg.data.train), "val": data_fingerprint(cfg.data.val) if cfg.data.val
                  else None, "train_report": train_report.__dict__, "val_report": val_report.__dict__},
-        "versions": library_versions(), "steps": last_step, "stopped_early": stopped_early,
+        "versions": library_versions(), "device": str(device), "compute_dtype": str(dtype).replace("torch.", ""),
+        "steps": last_step, "stopped_early": stopped_early,
         "metrics": {"before": before, "best": best, "after": after},
         "final_train_loss": log.last_loss,
     }
     write_json_atomic(out / "run.json", run)
+    if cfg.method != "full":
+        write_adapter_readme(artifact, run)  # what vLLM/SGLang users and the Hub read first
     progress.summary(before, best, after)
     return RunResult(out, artifact, before, after, log.history, best, stopped_early)
