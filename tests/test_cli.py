@@ -90,3 +90,21 @@ def test_fields_help_lists_every_field():
     assert result.returncode == 0
     for flag in ("--lora.r", "--data.max_length", "--micro_batch_size", "--eval.metrics"):
         assert flag in result.stdout
+
+
+def test_plan_command_prints_breakdown_and_verdict():
+    result = run_cli("plan", "--model", "qwen2.5-7b", "--seq", "2048", "--batch", "2", "--gpu", "rtx4090")
+    assert result.returncode == 0, result.stderr
+    for text in ("NF4", "LoRA A/B", "reserved", "fits"):
+        assert text in result.stdout
+    unknown = run_cli("plan", "--gpu", "voodoo5")
+    assert unknown.returncode == 2 and "voodoo5" in unknown.stderr
+
+
+def test_gpu_memory_budget_picks_the_settings(tiny_run):
+    tmp_path, config = tiny_run
+    result = run_cli("train", str(config), "--gpu-memory", "12GB", "--max-steps", "1", "--eval.metrics", "[]")
+    assert result.returncode == 0, result.stderr
+    assert "gpu memory 12GB" in result.stdout and "no GPU: the budget only chose the settings" in result.stdout
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["config"]["micro_batch_size"] * run["config"]["grad_accum"] == 2  # effective batch kept

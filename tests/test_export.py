@@ -17,7 +17,6 @@ from lorafit.model.lora import LoRALinear, apply_lora, save_adapter
 from lorafit.model.quantize import dequantize_weight
 from tests.tiny import make_tiny_checkpoint, make_tiny_tokenizer
 
-MERGED_DTYPE = "bf16"  # placeholder
 GGUF_TOL = {"f16": 2e-3, "q8_0": 5e-2}  # max |logit diff| on the tiny models; measured 3e-4 and 1.1e-2
 
 
@@ -265,32 +264,56 @@ def test_gguf_of_bundled_model_matches_llama_cpps_own_file(tmp_path):
 
 
 def test_bundled_merged_model_answers_like_model_plus_adapter(tmp_path):
-    """A short QLoRA run on the bundled SmolLM2 (10 steps), merged into the NF4 base: the merged folder, loaded as
-    a plain model, writes the same greedy answers as the NF4 base + adapter on held-out notes."""
-    from lorafit.config import load_config
+    """QLoRA on the bundled SmolLM2 (random-B adapter, r=8), merged into the NF4 base in fp32: the merged folder,
+    loaded as a plain model, writes the same greedy answers as the NF4 base + adapter on held-out notes.
+    (fp32 because bf16 rounding of SmolLM2's weights alone flips ~3% of its greedy tokens; see model/bundled.py.)"""
     from lorafit.data.tasks import medication
     from lorafit.data.tokenize import ensure_chat_template, tokenize_prompt
     from lorafit.eval.generate import generate
-    from lorafit.infer import load_for_inference
-    from lorafit.train.loop import train
-    from lorafit.train.progress import Progress
 
-    train_path, test_path = medication.write_demo_files(tmp_path / "data", n_train=20, n_test=5, seed=1)
-    cfg = load_config(overrides={
-        "model": {"path": "bundled"}, "method": "qlora", "lora": {"r": 8, "alpha": 16},
-        "data": {"train": str(train_path), "max_length": 256}, "eval": {"before_training": False},
-        "max_steps": 10, "micro_batch_size": 2, "learning_rate": 1e-3, "gradient_checkpointing": False,
-        "output_dir": str(tmp_path / "run"), "device": "cpu"})
-    adapter = train(cfg, Progress(quiet=True, live=False)).artifact_dir
-    merged_dir = merge_adapter(adapter, tmp_path / "merged", dtype=MERGED_DTYPE, base="nf4")
-
-    reference, tokenizer = load_for_inference(adapter=str(adapter), device="cpu")
+    loaded = load_model("bundled", quantize=True)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    _, test_path = medication.write_demo_files(tmp_path / "data", n_train=1, n_test=5, seed=1)
     conversations = [json.loads(line)["messages"] for line in test_path.read_text().splitlines()]
     prompts = [tokenize_prompt(tokenizer, conv[:-1]) for conv in conversations]
-    want = generate(reference, tokenizer, prompts, max_new_tokens=48)
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        before = model.logits(model(ids))
+    cfg = LoraConfig(r=8, alpha=16)
+    apply_lora(model, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.02)
+        assert (model.logits(model(ids)) - before).abs().max() > 0.5  # the adapter changes the answers' scores
+    adapter = tmp_path / "run" / "adapter"
+    save_adapter(model, adapter, cfg, base_model=str(loaded.path))
+    (adapter.parent / "run.json").write_text(json.dumps({"config": {"method": "qlora", "device": "cpu"}}))
+
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", dtype="fp32", base="nf4")
+    want = generate(model, tokenizer, prompts, max_new_tokens=48)
     merged = load_model(str(merged_dir), "cpu", torch.float32)
     ensure_chat_template(merged.tokenizer)
     assert [tokenize_prompt(merged.tokenizer, conv[:-1]) for conv in conversations] == prompts
-    got = generate(merged.model, merged.tokenizer, prompts, max_new_tokens=48)
-    assert got == want
-    assert sum(answer.lstrip().startswith("{") for answer in want) >= 3, want  # ten steps already learned the JSON
+    assert generate(merged.model, merged.tokenizer, prompts, max_new_tokens=48) == want
+
+
+def test_merge_fidelity_reports_both_bases(tmp_path):
+    """On a QLoRA adapter the NF4 base reproduces the model + adapter (fp32: to rounding), the original does not."""
+    from lorafit.export.merge import merge_fidelity
+
+    folder, _ = make_tiny_checkpoint(tmp_path, "llama")
+    _, adapter = make_adapter(tmp_path, folder, quantize=True)
+    (adapter.parent / "run.json").write_text(json.dumps({"config": {"method": "qlora", "device": "cpu"}}))
+    data = tmp_path / "val.jsonl"
+    notes = ["metformin 500 mg PO BID", "the quick brown fox", "hello world fine tuning"]
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": n},
+                                                     {"role": "assistant", "content": n[::-1]}]}) + "\n"
+                            for n in notes))
+    report = merge_fidelity(adapter, data, dtype="fp32")
+    assert report["method"] == "qlora" and report["examples"] == 3
+    assert report["nf4"]["max_abs_logit_diff"] < 1e-4 and report["nf4"]["answer_top1_agreement"] == 1.0
+    assert report["original"]["max_abs_logit_diff"] > 100 * report["nf4"]["max_abs_logit_diff"]
+    assert abs(report["nf4"]["perplexity_change"]) < 1e-5 * report["reference_perplexity"]

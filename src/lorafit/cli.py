@@ -56,6 +56,24 @@ def generate(prompt: str = typer.Argument(..., help="user message"),
                       temperature=temperature, device=device))
 
 
+@app.command()
+def plan(model: str = typer.Option("qwen2.5-7b", help="preset name (lorafit plan --fits lists them) or a local folder"),
+         method: str = typer.Option("qlora", help="qlora, lora or full"),
+         seq: int = typer.Option(2048, help="tokens per row"), batch: int = typer.Option(1, help="rows per micro-batch"),
+         gpu: str = typer.Option("24GB", help="card name (rtx4070, t4, a100-80gb, h100...) or a size (12GB)"),
+         fits: bool = typer.Option(False, "--fits", help="every preset and method on this card, longest sequence"),
+         checkpointing: bool = typer.Option(True, help="gradient checkpointing"),
+         grad_accum: int = typer.Option(1), lora_r: int = typer.Option(16), packed: bool = typer.Option(False)):
+    """Where the GPU memory of a run goes, whether it fits the card, and the fastest settings that do.
+
+    Example: lorafit plan --model qwen2.5-7b --seq 2048 --batch 4 --gpu rtx4090
+    """
+    from lorafit.plan import plan_command
+
+    plan_command(model=model, method=method, seq=seq, batch=batch, gpu=gpu, fits=fits, checkpointing=checkpointing,
+                 grad_accum=grad_accum, lora_r=lora_r, packed=packed)
+
+
 @app.command("eval")
 def eval_command(data: str = typer.Option(..., help="held-out file (.jsonl/.json/.parquet/.csv, any training format)"),
                  model: str = typer.Option(None, help="base model (default: the adapter's base, else 'bundled')"),
@@ -94,7 +112,7 @@ def demo(task: str = typer.Option("medication", help="medication (JSON extractio
     run_demo(output_dir=output_dir or f"runs/demo-{task}", task=task, max_steps=max_steps, device=device)
 
 
-COMMANDS = {"train": train, "generate": generate, "eval": eval_command, "demo": demo}
+COMMANDS = {"train": train, "plan": plan, "generate": generate, "eval": eval_command, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> None:

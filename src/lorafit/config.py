@@ -119,6 +119,8 @@ class Config:
     max_bad_steps: int = _help("stop after this many NaN/Inf steps in a row (each one is skipped)", default=5)
     seed: int = _help("seed for data order, adapter init and dropout", default=0)
     device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
+    gpu_memory: str | None = _help("fit the run to this GPU budget (12GB, rtx4070, t4, ...): settings from the "
+                                   "memory plan, allocator capped there", default=None)
     log_every: int = _help("steps between metric lines", default=1)
     val_every: int = _help("steps between validation-loss evaluations (0: only at the end)", default=0)
     save_every: int = _help("steps between checkpoints (0: only the final adapter)", default=0)
@@ -231,10 +233,11 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_settings(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, section by section (nested dicts merge, other values replace)."""
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge_settings(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
@@ -256,7 +259,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
     if overrides:
-        data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+        data = merge_settings(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     try:
         return _build(Config, data, "")
     except ConfigError as e:

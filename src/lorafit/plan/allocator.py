@@ -26,9 +26,9 @@ from lorafit.plan.presets import Shape
 MIB = 2**20
 SMALL, LARGE_MIN, SEG_SMALL, SEG_MID, ROUND = MIB, 10 * MIB, 2 * MIB, 20 * MIB, 2 * MIB
 # Cached forward temporaries of one layer, in [tokens, intermediate] bf16 tensors: fitted to allocator replays of
-# lorafit's step on Qwen2.5 0.5B/1.5B/7B (5.3-7.3 with checkpointing; without it the saved activations take the
-# freed blocks over, 1.6-4).
-FORWARD_CACHED = {True: 6.0, False: 3.0}
+# lorafit's step on Qwen2.5 0.5B/1.5B at 1k-16k tokens per micro-batch (4.4-6.3 with checkpointing; without it the
+# saved activations take most freed blocks over: 1.2-5, mostly ~3).
+FORWARD_CACHED = {True: 5.0, False: 3.0}
 
 
 def segment(n: int) -> int:
@@ -78,7 +78,7 @@ def persistent_sizes(shape: Shape, run: Run) -> list[int]:
 
 def reserved(shape: Shape, run: Run, est: Estimate) -> int:
     """Predicted torch.cuda.max_memory_reserved of the step, from the allocated estimate and the segments above."""
-    M, N, V, I, H, L = run.tokens, run.target_tokens, shape.vocab, shape.intermediate, shape.hidden, shape.layers
+    M, N, V, inter = run.tokens, run.target_tokens, shape.vocab, shape.intermediate
     C = min(N, LOSS_CHUNK_TOKENS)
     chunks = -(-N // LOSS_CHUNK_TOKENS)
     last = N - (chunks - 1) * LOSS_CHUNK_TOKENS
@@ -86,13 +86,15 @@ def reserved(shape: Shape, run: Run, est: Estimate) -> int:
     loss_segments = segment(2 * C * V) + 3 * fp32_chunk
     if chunks > 1 and segment(4 * last * V) < fp32_chunk:
         loss_segments += segment(4 * last * V)
-    persistent = sum(x.bytes for x in est.lines if x.group in ("weights", "trainable", "runtime"))
-    slack = max(0, packed(persistent_sizes(shape, run)) - sum(blk(s) for s in persistent_sizes(shape, run)))
-    if run.method == "qlora":  # the bf16 copy of the largest linear, made while quantizing, stays cached
-        slack += segment(2 * max(i * o for _, i, o, _ in shape.linears()))
+    sizes = persistent_sizes(shape, run)
+    slack = max(0, packed(sizes) - sum(blk(s) for s in sizes))
     loss_alloc = est.moments["loss"] - 3 * blk(4 * C * V)  # the loss moment without its three fp32 chunk tensors
-    forward = FORWARD_CACHED[run.checkpointing] * segment(2 * I * M)
+    forward = FORWARD_CACHED[run.checkpointing] * segment(2 * inter * M)
+    if run.method == "qlora":  # the bf16 copy of the largest linear made while quantizing, unless reused later
+        slack += max(0, segment(2 * max(i * o for _, i, o, _ in shape.linears())) - forward)
     at_loss = loss_alloc + slack + forward + loss_segments
-    # the layers' backward splits the free loss and forward segments; only what exceeds them is new
-    at_layer = est.moments["layer"] + slack + max(0, forward + loss_segments - (est.moments["layer"] - loss_alloc))
+    # the layers' backward splits the free loss and forward segments for its gradients; when it needs more than they
+    # hold, the bf16-logits segment and the short last chunk's segment stay stranded on top of it
+    stranded = loss_segments - 3 * fp32_chunk
+    at_layer = est.moments["layer"] + slack + stranded
     return int(max(at_loss, at_layer, est.allocated))

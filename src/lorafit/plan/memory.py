@@ -13,6 +13,8 @@ The step's peak is at one of a few moments, and `estimate` returns the largest:
   gradients are being formed (with checkpointing, the saved layer inputs of every layer are alive);
 - `optimizer`: clip + optimizer step, with every LoRA gradient alive.
 `plan.trace` runs lorafit's real model and loss code on the meta device to check these formulas tensor by tensor.
+Full fine-tuning (fp32 master weights under bf16 autocast) is modelled from the same reading but is approximate:
+autocast does not run on meta, so it is neither traced nor yet measured.
 """
 
 from __future__ import annotations
@@ -28,9 +30,15 @@ METHODS = ("qlora", "lora", "full")
 
 
 def blk(n: int | float) -> int:
-    """CUDA caching allocator block: every tensor takes a multiple of 512 bytes (at least 512)."""
+    """Bytes the CUDA caching allocator counts for a tensor of n bytes: a multiple of 512 (at least 512); a tensor of
+    10 MiB or more gets its own segment rounded up to 2 MiB, and when that leaves 1 MiB or less the block is not
+    split, so the whole segment counts as allocated."""
     n = int(n)
-    return 0 if n <= 0 else max(512, -(-n // 512) * 512)
+    if n <= 0:
+        return 0
+    b = max(512, -(-n // 512) * 512)
+    whole = -(-b // (2 * 2**20)) * 2 * 2**20
+    return whole if b >= 10 * 2**20 and whole - b <= 2**20 else b
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class Run:
     seq: int = 2048  # tokens per row (data.max_length)
     batch: int = 1  # rows per micro-batch (micro_batch_size)
     checkpointing: bool = True
+    grad_accum: int = 1  # micro-batches per optimizer step: from the second on, every gradient is already alive
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ALL_LINEAR
     packed: bool = False  # rows hold several examples, so attention needs a mask
@@ -115,7 +124,8 @@ def weight_lines(shape: Shape, method: str) -> list[Line]:
         lines.append(Line("weights", f"decoder linears, {'fp32' if wb == 4 else 'bf16'}", L * dense,
                           f"{wb} bytes per weight"))
     head = "embedding (tied to the head)" if shape.tied else "embedding + LM head"
-    lines.append(Line("weights", f"{head}, {'fp32' if wb == 4 else 'bf16'}", emb, "kept 16-bit, never quantized"))
+    lines.append(Line("weights", f"{head}, {'fp32' if wb == 4 else 'bf16'}", emb,
+                      "trained, fp32 master" if wb == 4 else "kept 16-bit, never quantized"))
     lines.append(Line("weights", "norms and biases", norms + L * bias, ""))
     return lines
 
@@ -133,12 +143,15 @@ def trainable_tensors(shape: Shape, run: Run) -> list[int]:
 def optimizer_bytes(tensors: list[int], optimizer: str) -> tuple[int, int]:
     """(inside the allocator, paged outside it) of the optimizer states, once the first step has made them.
 
-    bitsandbytes AdamW 8-bit: two uint8 states per element plus two fp32 absmax per 256-element block; tensors
-    under 4096 elements keep two fp32 states. The paged variant puts state buffers of >= 1e5 elements in CUDA
-    unified memory (cudaMallocManaged): on the card while there is room, but invisible to PyTorch's allocator.
+    bitsandbytes AdamW 8-bit: two uint8 states per element plus two fp32 absmax per 256-element block, and two shared
+    256-entry maps; tensors under 4096 elements keep two fp32 states. The paged variant puts state buffers of >= 1e5
+    elements in CUDA unified memory (cudaMallocManaged): on the card while there is room, but invisible to PyTorch's
+    allocator.
     torch AdamW: two fp32 states per element.
     """
     inside = paged = 0
+    if optimizer != "adamw" and any(n >= MIN_8BIT_NUMEL for n in tensors):
+        inside += 2 * blk(4 * 256)  # the two 256-entry quantization maps, shared by every tensor
     for n in tensors:
         if optimizer == "adamw":
             inside += 2 * blk(4 * n)
@@ -158,8 +171,9 @@ def optimizer_bytes(tensors: list[int], optimizer: str) -> tuple[int, int]:
 # --- activations ---------------------------------------------------------------------------------------------------
 
 
-def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, int]:
-    """Bytes per token one decoder layer keeps for its backward (what a checkpointed layer recomputes).
+def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, list[int]]:
+    """Bytes per token of each tensor one decoder layer keeps for its backward (what a checkpointed layer
+    recomputes), grouped for the table.
 
     RMSNorm saves its fp32 input copy (4H) and the 1/rms scalar; the normed bf16 output (2H) is saved by the
     projections' LoRA path (x @ A^T needs x for A's gradient). After rope, q and k are new tensors saved by
@@ -168,16 +182,21 @@ def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, int]:
     outputs, silu(gate) and the product fed to down_proj: four [tokens, I] tensors. The bf16 layer input and the
     mid-layer residual are saved by nobody (norms keep their own fp32 copies).
     """
-    H, I = shape.hidden, shape.intermediate
+    H, inter = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lora = sum(1 for name, *_ in shape.linears() if name in run.lora_targets) if run.method != "full" else 0
     qk_norm = 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads) if shape.qk_norm else 0  # Qwen3: fp32 q/k copies
     return {
-        "norm inputs (fp32) and outputs": 2 * (4 * H + 4 + act * H) + qk_norm,
-        "attention q, k, v, output, log-sum-exp": act * (2 * q + 2 * kv) + 4 * shape.heads,
-        "LoRA middles (x A^T)": lora * act * run.lora_r,
-        "MLP gate, up, silu, product": 4 * act * I,
+        "norm inputs (fp32) and outputs": [4 * H, 4, act * H] * 2 + ([qk_norm] if qk_norm else []),
+        "attention q, k, v, output, log-sum-exp": [act * q, act * kv, act * kv, act * q, 4 * shape.heads],
+        "LoRA middles (x A^T)": [act * run.lora_r] * lora,
+        "MLP gate, up, silu, product": [act * inter] * 4,
     }
+
+
+def saved_bytes(saved: dict[str, list[int]], tokens: int) -> int:
+    """One layer's saved tensors for `tokens` tokens, each rounded as the allocator counts it."""
+    return sum(blk(per_token * tokens) for sizes in saved.values() for per_token in sizes)
 
 
 def lora_casts_per_layer(shape: Shape, run: Run, act: int) -> int:
@@ -192,7 +211,7 @@ def attention_scores_per_token(shape: Shape, run: Run, act: int) -> int:
     """Bytes per token of attention scores when rows are packed: the mask rules out flash attention, and with GQA
     (fewer kv heads) memory-efficient attention too, so sdpa runs its math path, which saves the softmax
     [heads, T, T] and the kv heads expanded to all heads. Without GQA the efficient kernel takes the mask and only
-    the mask itself is materialised (bf16 bias [T, T] per row)."""
+    the mask itself is materialised (bf16 bias [T, T] per row). From the kernels' structure, not yet measured."""
     if not run.packed:
         return 0
     T = run.seq
@@ -206,7 +225,7 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     if run.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {run.method!r}")
     act = 2  # bf16 activations (autocast); full fine-tuning's fp32 residual stream is handled below
-    H, I, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
+    H, inter, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     M, N = run.tokens, run.target_tokens
     full = run.method == "full"
     res = 4 if full else act  # full: fp32 embedding output, so the residual stream is fp32
@@ -225,7 +244,11 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     base = sum(x.bytes for x in persistent)
 
     saved = layer_saved_per_token(shape, run, act)
-    saved_tok = sum(saved.values()) + attention_scores_per_token(shape, run, act)
+    scores = attention_scores_per_token(shape, run, act)
+    if scores:
+        saved["attention scores (math sdpa, packed rows)"] = [scores]
+    saved_tok = sum(sum(v) for v in saved.values())
+    saved_layer = saved_bytes(saved, M)
     casts = lora_casts_per_layer(shape, run, act)
     rope = 2 * blk(act * M * shape.head_dim)  # cos and sin [B, T, head_dim], shared by every layer
     batch_ints = 3 * blk(8 * M)  # input ids, labels, positions (int64)
@@ -235,8 +258,13 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
         common.insert(0, Line("activations", f"checkpointed layer inputs ({L} layers)", L * blk(res * H * M),
                               f"{res} x hidden bytes per token per layer"))
     else:
+        # the first layer's input norm saves nothing: with a frozen embedding its input needs no gradient
+        first = 0 if full else blk(4 * H * M) + blk(4 * M)
         common.insert(0, Line("activations", f"saved activations ({L} layers, no checkpointing)",
-                              L * (blk(saved_tok * M) + casts), f"{saved_tok:,} bytes per token per layer"))
+                              L * (saved_layer + casts) - first, f"{saved_tok:,} bytes per token per layer"))
+    if full and not run.checkpointing:  # autocast's bf16 weight copies, saved by every linear for its backward
+        common.append(Line("activations", "bf16 casts of every linear weight (autocast)",
+                           L * sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
     common_bytes = sum(x.bytes for x in common)
 
     # moment 1: backward of the first loss chunk
@@ -245,34 +273,44 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     loss_lines = [Line("loss", "final norm fp32 input", blk(4 * H * M) + blk(4 * M), "saved by the final RMSNorm"),
                   Line("loss", f"fp32 logits: 3 x [{C}, {V}]", 3 * blk(4 * C * V),
                        "log-softmax output, its gradient, and log-softmax backward's output")]
+    loss_lines.append(Line("loss", "target ids and gather indices (int64)", blk(16 * N) + blk(8 * N),
+                           "the boolean gather's [targets, 2] indices, saved for its backward"))
     if chunks > 1:
-        loss_lines.append(Line("loss", "gathered target states + their gradient", 2 * blk(act * H * N) + blk(24 * N),
+        loss_lines.append(Line("loss", "gathered target states + their gradient", 2 * blk(act * H * N),
                                "kept for the chunk recomputes; gradient accumulated over chunks"))
     if full:
         loss_lines.append(Line("loss", "LM head weight gradient + bf16 cast", blk(4 * V * H) + blk(2 * V * H), ""))
+    grads = sum(blk(4 * n) for n in tensors)
+    if run.grad_accum > 1:  # the earlier micro-batches' gradients wait for the optimizer step
+        common.append(Line("trainable", "gradients of earlier micro-batches (fp32)", grads, "accumulation"))
+        common_bytes += grads
     loss_peak = base + common_bytes + sum(x.bytes for x in loss_lines)
 
     # moment 2: backward of the last decoder layer
-    mlp = act * I * M
-    wq = blk(2 * H * I) + blk(H * I // 16) if run.method == "qlora" else 0  # dequantized down_proj + its absmax
+    mlp = act * inter * M
+    wq = blk(2 * H * inter) + blk(H * inter // 16) if run.method == "qlora" else 0  # dequantized down_proj + its absmax
     # down_proj's input gradient is two matmuls (base, LoRA) and their sum: three [tokens, I] tensors while gate, up
     # and silu are still saved and the product is freed (+2 over the saved set); before that, the first matmul runs
     # against the dequantized weight (+1 and W)
     layer_extra = max(2 * mlp, mlp + wq)
-    layer_lines = [Line("activations", "recomputed last layer (saved for backward)", blk(saved_tok * M) + casts,
-                        ", ".join(f"{k} {v:,}" for k, v in saved.items()) + " bytes per token"),
+    if run.packed and shape.kv_heads != shape.heads:  # math attention's backward: scores gradient + softmax backward
+        layer_extra = max(layer_extra, 2 * blk(act * shape.heads * run.seq * M))
+    layer_lines = [Line("activations", "recomputed last layer (saved for backward)", saved_layer + casts,
+                        ", ".join(f"{k} {sum(v):,}" for k, v in saved.items()) + " bytes per token"),
                    Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),
                         layer_extra, "down_proj's input gradient (two matmuls and their sum) while gate/up/silu live"),
                    Line("activations", "gradient flowing back", blk(res * H * M), "")]
     if not run.checkpointing:
         layer_lines = layer_lines[1:]
+    elif full:  # the recomputed layer casts its weights to bf16 again
+        layer_lines.append(Line("activations", "bf16 casts of the layer's weights (autocast)",
+                                sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
     layer_peak = base + common_bytes + sum(x.bytes for x in layer_lines)
 
     # moment 3: optimizer step: every gradient alive
-    grads = sum(blk(4 * n) for n in tensors)
     opt_lines = [Line("trainable", "gradients (fp32)", grads, ""),
                  Line("trainable", "optimizer step temporaries", 2 * grads if run.optimizer == "adamw" else 0, "")]
-    opt_peak = base + sum(x.bytes for x in opt_lines) + (p_bytes if full else 0)
+    opt_peak = base + sum(x.bytes for x in opt_lines)
 
     moments = {"loss": loss_peak, "layer": layer_peak, "optimizer": opt_peak}
     moment = max(moments, key=moments.get)

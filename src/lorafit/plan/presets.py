@@ -164,6 +164,8 @@ def resolve_card(spec: str) -> Card:
     hits = [c for k, c in cards.items() if _norm(k) == key] or [c for k, c in cards.items() if key and key in _norm(k)]
     if len(hits) == 1:
         return hits[0]
+    if len(hits) > 1:
+        raise PlanError(f"'{spec}' matches several cards: {', '.join(c.key for c in hits)}")
     m = _SIZE.match(spec)
     if not m:
         raise PlanError(f"unknown GPU '{spec}': give a size (12GB, 10.5GiB) or a card ({', '.join(cards)})")

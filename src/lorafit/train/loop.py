@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.config import Config, config_to_dict
+from lorafit.config import Config, config_to_dict, load_config, merge_settings
 from lorafit.data.batching import BatchStream
 from lorafit.data.build import build_datasets
 from lorafit.data.tokenize import ensure_chat_template
@@ -52,11 +52,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def fit_to_gpu_budget(cfg: Config, device: torch.device, progress: Progress) -> Config:
+    """Settings from the memory plan for `cfg.gpu_memory`, and the allocator capped there (so the run behaves as
+    on that card). The effective batch stays; the plan picks micro-batch, accumulation and checkpointing."""
+    from lorafit.plan import budget_bytes, fit_to_budget
+
+    budget = budget_bytes(cfg.gpu_memory)
+    overrides = fit_to_budget(cfg, budget)
+    cfg = load_config(overrides=merge_settings(config_to_dict(cfg), overrides))
+    progress.say(f"gpu memory {cfg.gpu_memory} ({budget / 2**30:.1f} GiB): micro_batch_size {cfg.micro_batch_size}, "
+                 f"grad_accum {cfg.grad_accum}, gradient_checkpointing {cfg.gradient_checkpointing}, "
+                 f"max_length {cfg.data.max_length}")
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    else:
+        progress.say("no GPU: the budget only chose the settings")
+    return cfg
+
+
 def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or Progress()
     device = resolve_device(cfg.device)
+    if cfg.gpu_memory:
+        cfg = fit_to_gpu_budget(cfg, device, progress)
     # GPU: bf16 weights and compute (fp32 LoRA masters under autocast); CPU: fp32 throughout (bf16 is slow there).
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.method != "full" else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None

@@ -1,0 +1,152 @@
+"""Verdicts and choices: does a run fit a card, and which settings that fit train fastest.
+
+A run fits when the memory it needs under an allocator cap stays within the card's budget (the card less the CUDA
+context). Under a cap (`lorafit train --gpu-memory`, or simply a full card) the caching allocator frees its cached
+segments before failing, so a run needs less than its uncapped reservation, but more than its live tensors: blocks
+freed inside segments that long-lived tensors still pin cannot be handed back. Replaying the allocator under caps
+(plan.trace; 60 configurations of Qwen2.5 0.5B/1.5B/7B, QLoRA/LoRA, 512-16k tokens) put the smallest cap that
+does not fail at 0.3-21% above the allocated peak: 10-56% of the cached excess (reserved - allocated), or all of it
+when the excess is under 8% of the peak. `need` takes the reservation, or allocated + the larger of 60% of the
+excess and 8% of the peak when that is less, then adds `NEED_MARGIN` for the arithmetic's own error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lorafit.plan.allocator import reserved
+from lorafit.plan.memory import Estimate, Run, estimate
+from lorafit.plan.presets import Card, PlanError, Shape, model_presets, resolve_model, shape_from_preset
+from lorafit.plan.recipe import recipe_estimate
+
+NEED_FRACTION, NEED_FLOOR = 0.6, 0.08
+NEED_MARGIN = (1.02, 64 * 2**20)  # x1.02 + 64 MiB
+# Step time of a micro-batch of M tokens is about a + b*M (BENCHMARKS.md, Qwen2.5-1.5B QLoRA on an H100: 0.47 s at
+# 2,048 tokens, 0.72 s at 16,384): tokens/s rises as M / (M + a/b), saturating around 25k tokens. Recomputing the
+# checkpointed layers costs about a third more compute.
+SATURATION_TOKENS = 25_000
+CHECKPOINT_SPEED = 0.77
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+# Micro-batches above this many tokens are only chosen when asked for: throughput has about saturated, and the
+# allocator-slack estimate was only checked against replays up to 64k tokens (within 8% there, 2% up to 16k).
+MAX_CHOSEN_TOKENS = 32_768
+
+
+@dataclass
+class Plan:
+    shape: Shape
+    run: Run
+    card: Card
+    lorafit: Estimate
+    recipe: Estimate | None  # the transformers + PEFT + bitsandbytes recipe (QLoRA only, as it ships)
+
+    @property
+    def needed(self) -> int:
+        return need(self.lorafit)
+
+    @property
+    def fits(self) -> bool:
+        """Needed memory plus the paged optimizer states (outside the allocator, but on the card unless evicted to
+        the CPU, which slows every step) within the budget."""
+        return self.needed + sum(x.bytes for x in self.lorafit.outside) <= self.card.budget
+
+
+def need(est: Estimate) -> int:
+    """Bytes the run needs under an allocator cap (see the module docstring)."""
+    raw = min(est.reserved, est.allocated + max(NEED_FRACTION * (est.reserved - est.allocated),
+                                                NEED_FLOOR * est.allocated))
+    return int(raw * NEED_MARGIN[0] + NEED_MARGIN[1])
+
+
+def make_plan(shape: Shape, run: Run, card: Card) -> Plan:
+    est = estimate(shape, run, card)
+    est.reserved = reserved(shape, run, est)
+    recipe = recipe_estimate(shape, run, card) if run.method == "qlora" else None
+    return Plan(shape, run, card, est, recipe)
+
+
+def speed(run: Run) -> float:
+    """Relative training throughput (tokens/s up to a constant) of a micro-batch setting; see SATURATION_TOKENS."""
+    return run.tokens / (run.tokens + SATURATION_TOKENS) * (CHECKPOINT_SPEED if run.checkpointing else 1.0)
+
+
+@dataclass
+class Choice:
+    run: Run
+    grad_accum: int
+    plan: Plan
+
+
+def fastest(shape: Shape, run: Run, card: Card, effective_batch: int | None = None) -> Choice | None:
+    """The fastest (micro-batch, checkpointing) that fits at run.seq, keeping micro-batch x accumulation equal to
+    the effective batch; None if nothing fits at this sequence length."""
+    effective = effective_batch or run.batch
+    best = None
+    for b in BATCHES:
+        if b > effective or effective % b or (b * run.seq > max(MAX_CHOSEN_TOKENS, run.tokens)):
+            continue
+        for ckpt in (False, True):
+            candidate = replace(run, batch=b, checkpointing=ckpt, grad_accum=effective // b)
+            plan = make_plan(shape, candidate, card)
+            if plan.fits and (best is None or speed(candidate) > speed(best.run)):
+                best = Choice(candidate, effective // b, plan)
+    return best
+
+
+def longest_seq(shape: Shape, run: Run, card: Card, limit: int = 131_072, step: int = 256) -> int:
+    """Longest sequence (a multiple of `step`) that fits at run.batch with checkpointing; 0 if none."""
+    run = replace(run, checkpointing=True)
+    lo, hi = 0, limit // step
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if make_plan(shape, replace(run, seq=mid * step), card).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
+def run_from_config(cfg) -> tuple[Shape, Run, int]:
+    """(shape, run, effective batch) of a lorafit Config."""
+    shape = resolve_model(cfg.model.path)
+    optimizer = "paged_adamw_8bit" if cfg.optimizer == "auto" else cfg.optimizer
+    run = Run(cfg.method, cfg.data.max_length, cfg.micro_batch_size, cfg.gradient_checkpointing, cfg.grad_accum,
+              cfg.lora.r, tuple(cfg.lora.target_modules), cfg.data.packing, optimizer)
+    return shape, run, cfg.micro_batch_size * cfg.grad_accum
+
+
+def fit_to_budget(cfg, budget_bytes: int) -> dict:
+    """Overrides (load_config's nested-dict form) that make `cfg` fit an allocator budget and train fastest.
+
+    Keeps the effective batch (micro_batch_size x grad_accum) and the sequence length when anything fits at it;
+    otherwise shortens data.max_length to the longest that fits at micro-batch 1. Raises PlanError if even 256
+    tokens do not fit.
+    """
+    shape, run, effective = run_from_config(cfg)
+    card = Card("budget", f"{budget_bytes / 2**30:.2f} GiB budget", int(budget_bytes), "sm90", context_bytes=0)
+    choice = fastest(shape, run, card, effective)
+    seq = run.seq
+    if choice is None:
+        seq = longest_seq(shape, replace(run, batch=1), card, limit=run.seq)
+        if seq == 0:
+            raise PlanError(f"{shape.name} ({run.method}) does not fit {card.name} even at 256 tokens per row")
+        choice = fastest(shape, replace(run, seq=seq), card, effective)
+    out = {"micro_batch_size": choice.run.batch, "grad_accum": choice.grad_accum,
+           "gradient_checkpointing": choice.run.checkpointing}
+    if seq != run.seq:
+        out["data"] = {"max_length": seq}
+    return out
+
+
+def fits_table(card: Card, methods=("qlora", "lora", "full"), seq: int = 2048) -> list[dict]:
+    """For every model preset and method: fits at `seq` x 1 (checkpointing on), and the longest sequence at batch 1."""
+    rows = []
+    for name in model_presets():
+        shape = shape_from_preset(name)
+        limit = int(model_presets()[name].get("max_position_embeddings", 131_072))
+        for method in methods:
+            run = Run(method, seq, 1, True)
+            plan = make_plan(shape, run, card)
+            rows.append({"model": name, "method": method, "fits": plan.fits, "needed": plan.needed,
+                         "longest_seq": longest_seq(shape, run, card, limit=limit)})
+    return rows

@@ -1,0 +1,325 @@
+"""The planner's check: run lorafit's real model, LoRA and loss code on the meta device and record every tensor.
+
+`trace_step` builds the model on the meta device (no memory, no compute), wraps it the way `train()` does (NF4 with
+bitsandbytes' own QuantState layout, LoRA, checkpointing), runs the loop body (forward, chunked loss, backward,
+clip, optimizer states, zero_grad) for a few steps under a dispatch mode that sees each new tensor storage and,
+through a weak reference, its release. Two things cannot run on meta and are stood in for by what the CUDA kernels
+allocate: flash attention (`FlashAttention` below; saves q, k, v, output, log-sum-exp; backward allocates the
+gradients, an fp32 dq accumulator and, for GQA, k/v gradients expanded to all heads) and bitsandbytes' 4-bit matmul
+(registered as a meta kernel that dequantizes like the CUDA fallback: absmax, absmax + offset, bf16 weight). The
+boolean gather of target positions is replaced by a copy of the same size (every token is a target here), so the
+gather's int64 indices (24 bytes per target) are missing from the trace.
+
+`replay` feeds the allocation stream, preceded by what loading allocates, to a model of PyTorch's CUDA caching
+allocator (same block rounding, segment sizes, best-fit splitting and merging), giving the allocated and reserved
+peaks the GPU would report. Slow-ish (seconds per configuration); the arithmetic in `memory.py` is what `plan` uses.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils.checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lorafit.plan.allocator import LARGE_MIN, SEG_MID, SEG_SMALL, SMALL, segment
+from lorafit.plan.memory import LOSS_CHUNK_TOKENS, MIN_8BIT_NUMEL, PAGED_MIN_NUMEL, Run, blk
+from lorafit.plan.presets import Shape
+
+
+def request(n: int) -> int:
+    """The size the caching allocator is asked for: n rounded up to 512 bytes."""
+    return max(512, -(-n // 512) * 512)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Allocation events ('a'/'f', storage id, requested bytes) of every storage an op creates; `peak` counts live
+    bytes as the allocator's statistics do (`blk`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.events: list[tuple[str, int, int]] = []
+        self.live = self.peak = self.count = 0
+
+    def add(self, storage) -> None:
+        if storage in self.seen or storage.nbytes() == 0:
+            return
+        self.count += 1
+        key, size, stat = self.count, request(storage.nbytes()), blk(storage.nbytes())
+        self.seen[storage] = key
+        self.events.append(("a", key, size))
+        self.live += stat
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, size, stat)
+
+    def _free(self, key: int, size: int, stat: int) -> None:
+        self.live -= stat
+        self.events.append(("f", key, size))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t.untyped_storage())
+        return out
+
+
+class FlashAttention(torch.autograd.Function):
+    """What PyTorch's CUDA flash-attention kernel allocates and saves (causal, no mask, GQA native)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, h, T, d = q.shape
+        out = torch.empty(B, T, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = torch.empty(B, h, T, dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        B, h, T, d = q.shape
+        Tr = -(-T // 128) * 128
+        dq, dk, dv = (torch.empty(B, T, x.shape[1], d, dtype=q.dtype, device=q.device) for x in (q, k, v))
+        work = [torch.empty(B, h, Tr, device=q.device), torch.empty(B, Tr, h, d, device=q.device)]
+        if k.shape[1] != h:
+            work += [torch.empty(B, T, h, d, dtype=q.dtype, device=q.device) for _ in range(2)]
+        del work
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def _sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **_):
+    return FlashAttention.apply(q, k, v)
+
+
+_LIBRARIES: list = []
+
+
+def _register_meta_gemm_4bit() -> None:
+    """On meta, bitsandbytes' gemm_4bit only allocates its output; make it allocate what CUDA's dequantizing
+    fallback does (bitsandbytes' own default implementation: absmax, absmax + offset, bf16 weight, output)."""
+    if _LIBRARIES:
+        return
+    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+
+    lib = torch.library.Library("bitsandbytes", "IMPL")
+    lib.impl("gemm_4bit", _gemm_4bit_default_impl, "Meta", allow_override=True)
+    _LIBRARIES.append(lib)
+
+
+def _nf4(lin: torch.nn.Module):
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    from lorafit.model.quantize import NF4Linear
+
+    N, K = lin.weight.shape
+    n, blocks, meta = N * K, -(-N * K // 64), "meta"
+    s2 = QuantState(absmax=torch.empty(-(-blocks // 256), device=meta), code=torch.empty(256, device=meta),
+                    blocksize=256, dtype=torch.float32)
+    qs = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, device=meta), shape=torch.Size([N, K]),
+                    code=torch.empty(16, device=meta), blocksize=64, quant_type="nf4", dtype=torch.bfloat16,
+                    offset=torch.empty((), device=meta), state2=s2)
+    w = bnb.nn.Params4bit(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=meta), requires_grad=False,
+                          quant_state=qs, blocksize=64, compress_statistics=True, quant_type="nf4", bnb_quantized=True)
+    return NF4Linear(w, lin.bias.detach() if lin.bias is not None else None, torch.bfloat16)
+
+
+def meta_model(shape: Shape, run: Run):
+    """lorafit's CausalLM of this shape on the meta device, wrapped for `run.method` as `train()` wraps it."""
+    from transformers import LlamaConfig
+
+    from lorafit.config import LoraConfig
+    from lorafit.model.llama import CausalLM, ModelArgs
+    from lorafit.model.lora import apply_lora
+    from lorafit.model.quantize import is_quantizable
+
+    args = ModelArgs(shape.vocab, shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads,
+                     shape.head_dim, 1e-6, shape.tied, shape.qkv_bias, shape.o_bias, shape.mlp_bias, shape.qk_norm)
+    hf = LlamaConfig(hidden_size=shape.hidden, num_attention_heads=shape.heads, head_dim=shape.head_dim)
+    with torch.device("meta"):
+        model = CausalLM(args, hf).to(torch.float32 if run.method == "full" else torch.bfloat16)
+    if run.method == "qlora":
+        _register_meta_gemm_4bit()
+        for pname, parent in list(model.named_modules()):
+            for cname, child in list(parent.named_children()):
+                if is_quantizable(f"{pname}.{cname}" if pname else cname, child):
+                    setattr(parent, cname, _nf4(child))
+    model.model.rotary_emb.inv_freq = torch.empty(shape.head_dim // 2, device="meta")
+    if run.method == "full":
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, LoraConfig(r=run.lora_r, target_modules=list(run.lora_targets)))
+    return model
+
+
+def _loss_sum(model, hidden, labels):
+    """train.loss.target_loss_sum with every label kept: meta cannot boolean-index, so the gather is a copy."""
+    from lorafit.train.loss import _chunk_loss_sum
+
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).clone()
+    targets = labels[:, 1:].reshape(-1)
+    total, count = hidden.new_zeros((), dtype=torch.float32), targets.numel()
+    for s in range(0, count, LOSS_CHUNK_TOKENS):
+        h, t = hidden[s:s + LOSS_CHUNK_TOKENS], targets[s:s + LOSS_CHUNK_TOKENS]
+        if count > LOSS_CHUNK_TOKENS:
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, model.lm_head, h, t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(model.lm_head, h, t)
+    return total
+
+
+@dataclass
+class Trace:
+    load: list[tuple[str, int, int]] = field(default_factory=list)  # what loading allocates, in order
+    step: list[tuple[str, int, int]] = field(default_factory=list)  # the training steps
+    peak: int = 0  # live tensor bytes at the peak (load + steps)
+
+
+def load_events(model) -> list[tuple[str, int, int]]:
+    """Loading, in order: NF4 quantization of each linear through a bf16 copy, then the dense rest, then LoRA."""
+    from lorafit.model.quantize import NF4Linear
+
+    events, seen = [], set()
+    for _, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            n = m.in_features * m.out_features
+            blocks = -(-n // 64)
+            temp = [2 * n, 4 * blocks, 4 * blocks]  # bf16 weight, fp32 absmax, absmax - offset
+            keep = [(n + 1) // 2, 64, 4, blocks, 4 * -(-blocks // 256), 1024]
+            events += [("a", id(m) * 16 + i, request(s)) for i, s in enumerate(temp + keep)]
+            events += [("f", id(m) * 16 + i, request(s)) for i, s in reversed(list(enumerate(temp)))]
+            seen.add(id(m.weight))
+    for p in model.parameters():
+        if id(p) not in seen and p.numel():
+            seen.add(id(p))
+            events.append(("a", id(p), request(p.numel() * p.element_size())))
+    return events
+
+
+def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
+    """Allocation events of loading plus `steps` training steps of lorafit's real code, on the meta device."""
+    model = meta_model(shape, run)
+    model.gradient_checkpointing = run.checkpointing
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    load = load_events(model)
+    tracker = LiveBytes()
+    for p in model.parameters():  # known storages: loading already counted them
+        tracker.seen[p.untyped_storage()] = -1
+    from lorafit.model import llama
+
+    sdpa, checkpoint = llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint
+    llama.F.scaled_dot_product_attention = _sdpa
+    torch.utils.checkpoint.checkpoint = functools.partial(checkpoint, preserve_rng_state=False)
+    states: list[torch.Tensor] = []
+    try:
+        with tracker:
+            for step in range(steps):
+                B, T = run.batch, run.seq
+                ids = torch.zeros(B, T, dtype=torch.long, device="meta")
+                labels = torch.zeros(B, T, dtype=torch.long, device="meta")
+                pos = torch.arange(T, device="meta").expand(B, T).contiguous()  # collate makes [B, T] positions
+                hidden = model(ids, position_ids=pos)
+                (_loss_sum(model, hidden, labels) / 100).backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                if step == 0:  # bitsandbytes' 8-bit AdamW states, made at the first step (and its two maps)
+                    if run.optimizer != "adamw" and any(p.numel() >= MIN_8BIT_NUMEL for p in trainable):
+                        states += [torch.zeros(256, device="meta") for _ in range(2)]
+                    for p in trainable:
+                        n = p.numel()
+                        fp32 = n < MIN_8BIT_NUMEL or run.optimizer == "adamw"
+                        if fp32 or run.optimizer != "paged_adamw_8bit" or n < PAGED_MIN_NUMEL:
+                            states += [torch.zeros_like(p, dtype=torch.float32 if fp32 else torch.uint8)
+                                       for _ in range(2)]
+                        if not fp32:
+                            states += [torch.zeros(-(-n // 256), device="meta") for _ in range(2)]
+                for p in trainable:
+                    p.grad = None
+                del hidden
+    finally:
+        llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint = sdpa, checkpoint
+    static = sum(blk(s) for k, _, s in load if k == "a") - sum(blk(s) for k, _, s in load if k == "f")
+    return Trace(load, tracker.events, static + tracker.peak)
+
+
+class CachingAllocator:
+    """PyTorch's CUDA caching allocator, one stream, no expandable segments: sizes, pools, best fit, split, merge."""
+
+    def __init__(self, cap: int | None = None):
+        self.pools: dict[bool, list] = {True: [], False: []}
+        self.cap, self.serial = cap, 0
+        self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
+
+    def _put(self, b: dict) -> None:
+        bisect.insort(self.pools[b["small"]], (b["size"], b["id"], b))
+
+    def _take(self, b: dict) -> None:
+        pool = self.pools[b["small"]]
+        pool.pop(bisect.bisect_left(pool, (b["size"], b["id"])))
+
+    def malloc(self, size: int) -> dict:
+        small = size <= SMALL
+        pool = self.pools[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i < len(pool):
+            b = pool.pop(i)[2]
+        else:
+            seg = SEG_SMALL if small else SEG_MID if size < LARGE_MIN else segment(size)
+            if self.cap is not None and self.reserved + seg > self.cap:  # free every wholly free segment, retry
+                for s in (True, False):
+                    for item in [x for x in self.pools[s] if x[2]["prev"] is None and x[2]["next"] is None]:
+                        self._take(item[2])
+                        self.reserved -= item[2]["size"]
+                if self.reserved + seg > self.cap:
+                    raise MemoryError(f"out of memory under a cap of {self.cap} bytes")
+            self.serial += 1
+            b = {"id": self.serial, "size": seg, "small": small, "prev": None, "next": None}
+            self.reserved += seg
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        rest = b["size"] - size
+        if rest >= 512 if small else rest > SMALL:
+            self.serial += 1
+            r = {"id": self.serial, "size": rest, "small": small, "prev": b, "next": b["next"]}
+            if b["next"]:
+                b["next"]["prev"] = r
+            b["next"], b["size"] = r, size
+            self._put(r)
+        b["free"] = False
+        self.allocated += b["size"]
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return b
+
+    def free(self, b: dict) -> None:
+        self.allocated -= b["size"]
+        for side in ("prev", "next"):
+            n = b[side]
+            if n is not None and n.get("free", True) and n is not b:
+                self._take(n)
+                first, second = (n, b) if side == "prev" else (b, n)
+                first["size"] += second["size"]
+                first["next"] = second["next"]
+                if second["next"]:
+                    second["next"]["prev"] = first
+                b = first
+        b["free"] = True
+        self._put(b)
+
+
+def replay(trace: Trace, workspace: int = 64 * 2**20, cap: int | None = None) -> CachingAllocator:
+    """Run the trace's allocations through the caching allocator (cuBLAS workspaces first); raises MemoryError when
+    a cap is given and the allocator cannot stay under it."""
+    alloc = CachingAllocator(cap)
+    live = {"ws": alloc.malloc(workspace)} if workspace else {}
+    for kind, key, size in trace.load + trace.step:
+        if kind == "a":
+            live[key] = alloc.malloc(size)
+        elif key in live:
+            alloc.free(live.pop(key))
+    return alloc

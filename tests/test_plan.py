@@ -1,0 +1,189 @@
+"""The memory planner: presets against built models, bytes per format against real tensors, the arithmetic against
+lorafit's own code traced on the meta device, and the totals against peaks measured on an H100."""
+
+import pytest
+import torch
+
+from lorafit.config import load_config
+from lorafit.plan.allocator import reserved
+from lorafit.plan.fit import fit_to_budget, make_plan, need, run_from_config
+from lorafit.plan.memory import Run, blk, estimate, nf4_bytes, optimizer_bytes
+from lorafit.plan.presets import (
+    ALL_LINEAR,
+    PlanError,
+    Shape,
+    budget_bytes,
+    card_presets,
+    hf_config,
+    model_presets,
+    resolve_card,
+    shape_from_preset,
+)
+from lorafit.plan.recipe import recipe_estimate
+from lorafit.plan.report import plan_command
+
+GIB = 2**30
+H100 = card_presets()["h100"]
+
+
+@pytest.mark.parametrize("name", sorted(model_presets()))
+def test_preset_parameter_counts_equal_the_built_model(name):
+    from lorafit.model.llama import CausalLM, ModelArgs
+
+    hf = hf_config(name)
+    args = ModelArgs.from_hf(hf)
+    with torch.device("meta"):
+        model = CausalLM(args, hf)
+    shape = shape_from_preset(name)
+    assert Shape.from_args(name, args) == shape
+    assert sum(p.numel() for p in model.parameters()) == shape.params()  # parameters() counts a tied head once
+
+
+def test_preset_sizes_are_the_published_ones():
+    assert shape_from_preset("qwen2.5-7b").params() == 7_615_616_512  # Qwen2.5-7B's model card: 7.61B
+    assert shape_from_preset("llama3.1-8b").params() == 8_030_261_248
+    assert shape_from_preset("smollm2-135m").params() == 134_515_008
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (128, 320), (100, 70)])
+def test_nf4_bytes_equal_what_bitsandbytes_allocates(shape):
+    import bitsandbytes as bnb
+
+    w = bnb.nn.Params4bit(torch.randn(*shape, dtype=torch.bfloat16), requires_grad=False, compress_statistics=True,
+                          quant_type="nf4", blocksize=64).to("cpu")
+    qs = w.quant_state
+    codes, consts = nf4_bytes(shape[0] * shape[1])
+    assert codes == blk(w.data.nbytes)
+    real = [qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+    assert consts == sum(blk(t.nbytes) for t in real)
+
+
+def test_lora_parameters_equal_peft_and_lorafit(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lorafit.config import LoraConfig as OurLora
+    from lorafit.model.llama import ModelArgs
+    from lorafit.model.load import load_model
+    from lorafit.model.lora import apply_lora
+    from tests.tiny import make_tiny_checkpoint
+
+    folder, hf_model = make_tiny_checkpoint(tmp_path, "qwen2")
+    peft = get_peft_model(hf_model, LoraConfig(r=4, target_modules=list(ALL_LINEAR)))
+    peft_bytes = sum(p.numel() * p.element_size() for n, p in peft.named_parameters() if "lora_" in n)
+    ours = load_model(str(folder)).model
+    apply_lora(ours, OurLora(r=4))
+    our_bytes = sum(p.numel() * p.element_size() for p in ours.parameters() if p.requires_grad)
+    shape = Shape.from_args("tiny", ModelArgs.from_hf(hf_model.config))
+    assert peft_bytes == our_bytes == 4 * shape.lora_params(4)
+
+
+def test_adamw_8bit_states_equal_what_bitsandbytes_allocates():
+    import bitsandbytes as bnb
+
+    sizes = [4095, 4096, 20_000, 150_000]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    unique = {t.data_ptr(): t for p in params for t in opt.state[p].values() if torch.is_tensor(t)}
+    inside, paged = optimizer_bytes(sizes, "adamw_8bit")
+    assert paged == 0 and inside == sum(blk(t.nbytes) for t in unique.values())
+    # the paged variant moves the two uint8 states of tensors of >= 1e5 elements to unified memory
+    assert optimizer_bytes(sizes, "paged_adamw_8bit") == (inside - 2 * blk(150_000), 2 * 150_000)
+
+
+ODD = Shape("odd", vocab=1000, hidden=320, intermediate=864, layers=2, heads=5, kv_heads=1, head_dim=64, tied=False,
+            qkv_bias=True)
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+@pytest.mark.parametrize("seq,batch,ckpt", [(600, 2, True), (600, 2, False), (300, 3, True), (2100, 1, True)])
+def test_arithmetic_equals_lorafit_traced_on_meta(method, seq, batch, ckpt):
+    """Every tensor lorafit's model, LoRA and chunked loss allocate, on an odd shape: the formulas match the trace."""
+    from lorafit.plan.trace import trace_step
+
+    run = Run(method, seq, batch, ckpt)
+    traced = trace_step(ODD, run).peak + 2 * 32 * 2**20  # the two cuBLAS workspaces are not tensors
+    assert estimate(ODD, run).allocated == pytest.approx(traced, rel=0.005)
+
+
+def test_arithmetic_and_allocator_replay_agree_on_a_real_shape():
+    from lorafit.plan.trace import replay, trace_step
+
+    shape, run = shape_from_preset("qwen2.5-0.5b"), Run("qlora", 1024, 4, True)
+    alloc = replay(trace_step(shape, run))
+    est = estimate(shape, run, H100)
+    assert est.allocated == pytest.approx(alloc.peak_allocated, rel=0.005)
+    assert reserved(shape, run, est) == pytest.approx(alloc.peak_reserved, rel=0.05)
+
+
+# H100 measurements (GiB, max_memory_allocated / max_memory_reserved): BENCHMARKS.md and shared/anchors/README.md
+LORAFIT_MEASURED = [("qwen2.5-1.5b", 1024, 2, 3.16, 3.67), ("qwen2.5-1.5b", 1024, 4, 3.35, 4.62),
+                    ("qwen2.5-1.5b", 1024, 8, 3.74, 5.36), ("qwen2.5-1.5b", 1024, 16, 4.67, 6.80)]
+RECIPE_MEASURED = [("qwen2.5-1.5b", 1024, 2, 6.64), ("qwen2.5-1.5b", 1024, 4, 11.61), ("qwen2.5-7b", 2048, 2, 18.34),
+                   ("qwen2.5-7b", 2048, 1, 12.90)]
+
+
+@pytest.mark.parametrize("name,seq,batch,allocated,reserved_", LORAFIT_MEASURED)
+def test_lorafit_prediction_matches_h100_measurements(name, seq, batch, allocated, reserved_):
+    plan = make_plan(shape_from_preset(name), Run("qlora", seq, batch, True), H100)
+    assert plan.lorafit.allocated / GIB == pytest.approx(allocated, rel=0.02)
+    assert plan.lorafit.reserved / GIB == pytest.approx(reserved_, rel=0.03)
+
+
+@pytest.mark.parametrize("name,seq,batch,allocated", RECIPE_MEASURED)
+def test_recipe_prediction_matches_anchor_measurements(name, seq, batch, allocated):
+    assert recipe_estimate(shape_from_preset(name), Run("qlora", seq, batch), H100).allocated / GIB == \
+        pytest.approx(allocated, rel=0.02)
+
+
+def test_cards_and_budgets():
+    rtx4070 = card_presets()["rtx4070"]
+    assert budget_bytes("rtx4070") == budget_bytes("RTX 4070") == rtx4070.total_bytes - rtx4070.context_bytes
+    assert resolve_card("12GB").key == "rtx4070"  # a card sold as 12 GB: the smallest listed one
+    assert budget_bytes("10GiB") == 10 * GIB  # an exact allocator budget: nothing subtracted
+    assert resolve_card("h100").cublas_workspace == 32 * 2**20 and resolve_card("t4").cublas_workspace < 9 * 2**20
+    for bad in ("a100", "potato", "12 parsecs"):  # a100 is ambiguous (40 or 80 GB)
+        with pytest.raises(PlanError):
+            resolve_card(bad)
+
+
+def test_fit_to_budget_keeps_the_effective_batch_and_fits():
+    cfg = load_config(overrides={"model": {"path": "qwen2.5-1.5b"}, "data": {"train": "x.jsonl", "max_length": 1024},
+                                 "micro_batch_size": 16, "grad_accum": 2, "gradient_checkpointing": False})
+    small = fit_to_budget(cfg, 6 * GIB)
+    assert small["micro_batch_size"] * small["grad_accum"] == 32 and "data" not in small
+    shape, run, _ = run_from_config(cfg)
+    from dataclasses import replace
+
+    chosen = replace(run, batch=small["micro_batch_size"], checkpointing=small["gradient_checkpointing"])
+    assert need(make_plan(shape, chosen, H100).lorafit) <= 6 * GIB
+    big = fit_to_budget(cfg, 70 * GIB)
+    assert big["micro_batch_size"] >= small["micro_batch_size"]
+    short = fit_to_budget(load_config(overrides={"model": {"path": "qwen2.5-7b"}, "method": "lora",
+                                                 "data": {"train": "x.jsonl", "max_length": 32768}}), 20 * GIB)
+    assert 0 < short["data"]["max_length"] < 32768 and short["micro_batch_size"] == 1
+    with pytest.raises(PlanError):
+        fit_to_budget(cfg, 1 * GIB)
+
+
+def test_plan_command_prints_the_table_and_returns_it():
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    out = plan_command("qwen2.5-7b", "qlora", seq=2048, batch=2, gpu="rtx4090", console=console)
+    text = console.export_text()
+    assert "allocated at the peak" in text and "fits" in text and "transformers + PEFT" in text
+    assert out["fits"] and out["allocated"] < out["reserved"] < out["recipe"]["reserved"]
+    assert out["fastest"]["micro_batch_size"] * out["fastest"]["grad_accum"] == 2
+    fits = plan_command(gpu="24GB", fits=True, console=console)
+    rows = {(r["model"], r["method"]): r for r in fits["rows"]}
+    assert rows["qwen2.5-7b", "qlora"]["fits"] and not rows["qwen2.5-72b", "qlora"]["fits"]
+    assert rows["qwen2.5-0.5b", "qlora"]["longest_seq"] > rows["qwen2.5-7b", "qlora"]["longest_seq"] > 0
+
+
+def test_accumulation_keeps_the_earlier_gradients_alive():
+    shape = shape_from_preset("qwen2.5-7b")
+    one, two = estimate(shape, Run("qlora", 1024, 2)), estimate(shape, Run("qlora", 1024, 2, grad_accum=2))
+    assert two.allocated - one.allocated == 4 * shape.lora_params(16)  # fp32 LoRA gradients (512-byte blocks)
