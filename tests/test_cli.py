@@ -108,3 +108,15 @@ def test_gpu_memory_budget_picks_the_settings(tiny_run):
     assert "gpu memory 12GB" in result.stdout and "no GPU: the budget only chose the settings" in result.stdout
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["config"]["micro_batch_size"] * run["config"]["grad_accum"] == 2  # effective batch kept
+
+
+def test_merge_and_export_through_the_cli(tiny_run):
+    tmp_path, config = tiny_run
+    assert run_cli("train", str(config), "--eval.metrics", "[]").returncode == 0
+    merged = run_cli("merge", str(tmp_path / "out" / "adapter"), str(tmp_path / "merged"), "--dtype", "fp32")
+    assert merged.returncode == 0, merged.stderr
+    assert "nf4 base" in merged.stdout  # the adapter was trained with qlora
+    assert (tmp_path / "merged" / "config.json").is_file()
+    exported = run_cli("export", str(tmp_path / "merged"), str(tmp_path / "m.gguf"), "--type", "q8_0")
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "m.gguf").stat().st_size > 0

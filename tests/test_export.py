@@ -174,6 +174,22 @@ def test_gguf_reads_back_through_transformers(tmp_path, family, kind):
     assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
 
 
+def test_adapter_to_merged_to_gguf(tmp_path):
+    """The whole chain: a QLoRA adapter merged into the NF4 base in bf16, then GGUF q8_0, read by transformers,
+    still computes the model + adapter's logits (within bf16 + Q8_0 rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+    model, adapter = make_adapter(tmp_path, folder, quantize=True)
+    merged = merge_adapter(adapter, tmp_path / "merged", dtype="bf16", base="nf4")
+    out = export_gguf(merged, tmp_path / "gguf" / "model.gguf", "q8_0")
+    loaded = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        diff = (loaded(input_ids=ids).logits - model.logits(model(ids))).abs().max().item()
+    assert diff < GGUF_TOL["q8_0"] + 3e-2, diff
+
+
 def test_gguf_qwen3_reads_back_through_transformers(tmp_path):
     """transformers reads no head_dim for qwen3 GGUF files and takes Qwen3's 128, so the tiny model uses 128."""
     import transformers

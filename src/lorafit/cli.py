@@ -99,6 +99,36 @@ def eval_command(data: str = typer.Option(..., help="held-out file (.jsonl/.json
 
 
 @app.command()
+def merge(adapter: str = typer.Argument(..., help="adapter folder"), out: str = typer.Argument(..., help="new folder"),
+          dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
+          base: str = typer.Option(None, help="original (the checkpoint's 16-bit weights) or nf4 (the NF4-rounded "
+                                              "weights a QLoRA adapter trained against) [default: nf4 for QLoRA]"),
+          model: str = typer.Option(None, help="base model folder (default: the adapter's base)"),
+          shard_size_gb: float = typer.Option(2.0, help="largest output shard")):
+    """Merge an adapter into its base: a Hugging Face folder transformers, vLLM and SGLang load as it is.
+
+    Streams shard by shard (peak memory about two shards). Example: lorafit merge runs/x/adapter runs/x/merged
+    """
+    from lorafit.export.merge import merge_adapter
+    from lorafit.infer import adapter_base_and_method
+
+    if base is None:
+        base = "nf4" if adapter_base_and_method(adapter)[1] == "qlora" else "original"
+    path = merge_adapter(adapter, out, dtype=dtype, base=base, model=model, shard_size=int(shard_size_gb * 1e9))
+    typer.echo(f"merged ({base} base, {dtype}): {path}")
+
+
+@app.command()
+def export(model_dir: str = typer.Argument(..., help="Hugging Face model folder (e.g. from lorafit merge)"),
+           out: str = typer.Argument(..., help="output .gguf file"),
+           type: str = typer.Option("f16", "--type", help="f16 or q8_0")):  # noqa: A002 -- the flag's name
+    """Write a model folder as GGUF for llama.cpp. Example: lorafit export runs/x/merged model.gguf --type q8_0"""
+    from lorafit.export.gguf import export_gguf
+
+    typer.echo(f"gguf: {export_gguf(model_dir, out, type=type)}")
+
+
+@app.command()
 def demo(task: str = typer.Option("medication", help="medication (JSON extraction) or intents (classification)"),
          output_dir: str = typer.Option(None, help="where data, adapter and reports go [default: runs/demo-TASK]"),
          max_steps: int = typer.Option(0, help="override the demo's step count (0: the tuned default)"),
@@ -112,7 +142,8 @@ def demo(task: str = typer.Option("medication", help="medication (JSON extractio
     run_demo(output_dir=output_dir or f"runs/demo-{task}", task=task, max_steps=max_steps, device=device)
 
 
-COMMANDS = {"train": train, "plan": plan, "generate": generate, "eval": eval_command, "demo": demo}
+COMMANDS = {"train": train, "plan": plan, "generate": generate, "eval": eval_command, "merge": merge,
+            "export": export, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> None:
