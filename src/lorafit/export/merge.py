@@ -88,14 +88,16 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
 
 
 def nf4_round_trip(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-    """fp32 values of `weight` quantized to NF4 and back, exactly as `quantize_nf4` + `dequantize_weight` give."""
-    import bitsandbytes as bnb
+    """fp32 values of `weight` quantized to NF4 and back, exactly as `quantize_nf4` + `dequantize_weight` give.
 
-    from lorafit.model.quantize import NF4_BLOCKSIZE
+    Dequantized by lorafit's kernel, not bitsandbytes': on the CPU bitsandbytes 0.50 dequantizes matrices narrower
+    than one 64-weight block wrongly (errors of ~4x the quantization step; the tiny test models have such layers).
+    """
+    from lorafit.model.quantize import NF4Linear
 
-    param = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, compress_statistics=True,
-                              quant_type="nf4", blocksize=NF4_BLOCKSIZE).to("cpu")
-    return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return NF4Linear.from_linear(linear, weight.device, compute_dtype).dequantize(torch.float32)
 
 
 def training_compute_dtype(adapter: Adapter) -> torch.dtype:

@@ -1,9 +1,10 @@
-"""Freeze a model's decoder linears in 4-bit NF4 with double quantization, through bitsandbytes.
+"""Freeze a model's decoder linears in 4-bit NF4 with double quantization.
 
 This is the QLoRA base: weights stored as 4-bit NormalFloat codes with one absmax per 64 weights, the absmaxes
-themselves quantized to 8 bits (double quantization: ~0.37 bits/param of constants instead of 0.5), and every
+themselves quantized to 8 bits (double quantization: ~0.127 bits/param of constants instead of 0.5), and every
 matmul run in `compute_dtype` on weights dequantized on the fly. Embeddings, norms and the LM head stay 16-bit,
-as in the reference recipe. bitsandbytes is imported here only, so LoRA on a 16-bit base never needs it.
+as in the reference recipe. bitsandbytes quantizes (its `quantize_4bit`, so the codes are the ones every QLoRA
+tool produces); the stored tensors are plain buffers, dequantized by `lorafit.kernels.nf4`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NF4_BLOCKSIZE = 64
+from lorafit.kernels.nf4 import BLOCKSIZE, dequantize_nf4
+
+NF4_BLOCKSIZE = BLOCKSIZE
+NF4_TENSORS = ("packed", "absmax_q", "absmax_map", "absmax_scale", "absmax_offset", "nf4_code")
 
 
 def import_bitsandbytes():
@@ -28,26 +32,67 @@ def is_quantizable(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and ".layers." in f".{name}"
 
 
-class NF4Linear(nn.Module):
-    """A frozen linear whose weight is NF4 (bitsandbytes Params4bit); y = x W^T + b with W dequantized on the fly.
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T with W dequantized in forward and again in backward: nothing of the weight is kept in between."""
 
-    Our own module rather than bitsandbytes' Linear4bit: on CPUs with AVX512-BF16, Linear4bit repacks its weight
-    the first time it runs in eval mode, and from then on backward runs through a kernel without autograd, so
-    the gradients are silently wrong. Evaluating the base model before training triggered exactly that.
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return x @ module.dequantize().t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.module.dequantize(), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear whose weight is NF4: y = x W^T + b with W dequantized on the fly (see kernels/nf4.py).
+
+    `packed` is a frozen Parameter (so FSDP can shard it and `parameters()` finds the module's device); the
+    quantization constants are buffers. Not bitsandbytes' Linear4bit: on CPUs with AVX512-BF16 that layer repacks
+    its weight the first time it runs in eval mode, and from then on backward silently returns wrong gradients.
     """
 
-    def __init__(self, weight, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                 device: torch.device | str = "meta"):
         super().__init__()
-        self.weight = weight
+        n = out_features * in_features
+        blocks = -(-n // BLOCKSIZE)
+        self.packed = nn.Parameter(torch.empty((n + 1) // 2, dtype=torch.uint8, device=device), requires_grad=False)
+        self.register_buffer("absmax_q", torch.empty(blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_map", torch.empty(256, device=device))
+        self.register_buffer("absmax_scale", torch.empty(-(-blocks // 256), device=device))
+        self.register_buffer("absmax_offset", torch.empty((), device=device))
+        self.register_buffer("nf4_code", torch.empty(16, device=device))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype
-        self.out_features, self.in_features = weight.quant_state.shape
+        self.out_features, self.in_features = out_features, in_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device, compute_dtype: torch.dtype) -> NF4Linear:
+        bnb = import_bitsandbytes()
+        weight = linear.weight.data.to(device=device, dtype=compute_dtype).contiguous()  # bnb reads raw memory
+        packed, state = bnb.functional.quantize_4bit(weight, blocksize=BLOCKSIZE, compress_statistics=True,
+                                                     quant_type="nf4")
+        bias = linear.bias.data.to(device, compute_dtype) if linear.bias is not None else None
+        module = cls(*weight.shape, bias, compute_dtype, device="meta")
+        del weight
+        # bitsandbytes' own tensors become the buffers (no copies, so loading peaks at one 16-bit matrix)
+        module.packed = nn.Parameter(packed.view(-1), requires_grad=False)
+        for name, tensor in zip(NF4_TENSORS[1:], (state.absmax, state.state2.code, state.state2.absmax,
+                                                   state.offset, state.code)):
+            setattr(module, name, tensor.to(device))
+        return module
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_nf4(*(getattr(self, name) for name in NF4_TENSORS),
+                              shape=(self.out_features, self.in_features), dtype=dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bnb = import_bitsandbytes()
         dtype = x.dtype
-        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        y = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, bias=bias, quant_state=self.weight.quant_state)
+        y = _NF4Matmul.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            y = y + self.bias.to(self.compute_dtype)
         return y.to(dtype)
 
     def extra_repr(self) -> str:
@@ -60,17 +105,11 @@ def quantize_nf4(model: nn.Module, device: torch.device | str, compute_dtype: to
     Layer by layer keeps peak memory at one 16-bit matrix beyond the quantized model, so a model whose 16-bit
     weights would not fit the card still loads.
     """
-    bnb = import_bitsandbytes()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if not is_quantizable(name, child):
-                continue
-            weight = bnb.nn.Params4bit(child.weight.data.to(device=device, dtype=compute_dtype), requires_grad=False,
-                                       compress_statistics=True, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
-            weight = weight.to(device)  # Params4bit quantizes when it reaches a device
-            bias = child.bias.data.to(device, compute_dtype) if child.bias is not None else None
-            setattr(parent, child_name, NF4Linear(weight, bias, compute_dtype))
+            if is_quantizable(name, child):
+                setattr(parent, child_name, NF4Linear.from_linear(child, device, compute_dtype))
     return model
 
 
@@ -78,9 +117,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The dense weight a (possibly NF4) linear computes with: what a QLoRA adapter was trained against."""
     if isinstance(module, nn.Linear):
         return module.weight.data
-    import bitsandbytes as bnb
-
-    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return module.dequantize()
 
 
 def is_nf4(module: nn.Module) -> bool:

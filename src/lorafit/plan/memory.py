@@ -288,7 +288,7 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
 
     # moment 2: backward of the last decoder layer
     mlp = act * inter * M
-    wq = blk(2 * H * inter) + blk(H * inter // 16) if run.method == "qlora" else 0  # dequantized down_proj + its absmax
+    wq = blk(2 * H * inter) if run.method == "qlora" else 0  # dequantized down_proj (the kernel allocates no more)
     # down_proj's input gradient is two matmuls (base, LoRA) and their sum: three [tokens, I] tensors while gate, up
     # and silu are still saved and the product is freed (+2 over the saved set); before that, the first matmul runs
     # against the dequantized weight (+1 and W)

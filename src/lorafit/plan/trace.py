@@ -1,12 +1,12 @@
 """The planner's check: run lorafit's real model, LoRA and loss code on the meta device and record every tensor.
 
-`trace_step` builds the model on the meta device (no memory, no compute), wraps it the way `train()` does (NF4 with
-bitsandbytes' own QuantState layout, LoRA, checkpointing), runs the loop body (forward, chunked loss, backward,
+`trace_step` builds the model on the meta device (no memory, no compute), wraps it the way `train()` does (NF4,
+LoRA, checkpointing), runs the loop body (forward, chunked loss, backward,
 clip, optimizer states, zero_grad) for a few steps under a dispatch mode that sees each new tensor storage and,
 through a weak reference, its release. Two things cannot run on meta and are stood in for by what the CUDA kernels
 allocate: flash attention (`FlashAttention` below; saves q, k, v, output, log-sum-exp; backward allocates the
-gradients, an fp32 dq accumulator and, for GQA, k/v gradients expanded to all heads) and bitsandbytes' 4-bit matmul
-(registered as a meta kernel that dequantizes like the CUDA fallback: absmax, absmax + offset, bf16 weight). The
+gradients, an fp32 dq accumulator and, for GQA, k/v gradients expanded to all heads) and NF4 dequantization
+(`kernels.nf4` returns an empty bf16 weight on meta: the Triton kernel allocates nothing else). The
 boolean gather of target positions is replaced by a copy of the same size (every token is a target here), so the
 gather's int64 indices (24 bytes per target) are missing from the trace.
 
@@ -98,37 +98,12 @@ def _sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **_):
     return FlashAttention.apply(q, k, v)
 
 
-_LIBRARIES: list = []
-
-
-def _register_meta_gemm_4bit() -> None:
-    """On meta, bitsandbytes' gemm_4bit only allocates its output; make it allocate what CUDA's dequantizing
-    fallback does (bitsandbytes' own default implementation: absmax, absmax + offset, bf16 weight, output)."""
-    if _LIBRARIES:
-        return
-    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
-
-    lib = torch.library.Library("bitsandbytes", "IMPL")
-    lib.impl("gemm_4bit", _gemm_4bit_default_impl, "Meta", allow_override=True)
-    _LIBRARIES.append(lib)
-
-
 def _nf4(lin: torch.nn.Module):
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
-
     from lorafit.model.quantize import NF4Linear
 
     N, K = lin.weight.shape
-    n, blocks, meta = N * K, -(-N * K // 64), "meta"
-    s2 = QuantState(absmax=torch.empty(-(-blocks // 256), device=meta), code=torch.empty(256, device=meta),
-                    blocksize=256, dtype=torch.float32)
-    qs = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, device=meta), shape=torch.Size([N, K]),
-                    code=torch.empty(16, device=meta), blocksize=64, quant_type="nf4", dtype=torch.bfloat16,
-                    offset=torch.empty((), device=meta), state2=s2)
-    w = bnb.nn.Params4bit(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=meta), requires_grad=False,
-                          quant_state=qs, blocksize=64, compress_statistics=True, quant_type="nf4", bnb_quantized=True)
-    return NF4Linear(w, lin.bias.detach() if lin.bias is not None else None, torch.bfloat16)
+    bias = lin.bias.detach() if lin.bias is not None else None
+    return NF4Linear(N, K, bias, torch.bfloat16, device="meta")
 
 
 def meta_model(shape: Shape, run: Run):
@@ -146,7 +121,6 @@ def meta_model(shape: Shape, run: Run):
     with torch.device("meta"):
         model = CausalLM(args, hf).to(torch.float32 if run.method == "full" else torch.bfloat16)
     if run.method == "qlora":
-        _register_meta_gemm_4bit()
         for pname, parent in list(model.named_modules()):
             for cname, child in list(parent.named_children()):
                 if is_quantizable(f"{pname}.{cname}" if pname else cname, child):
@@ -195,7 +169,7 @@ def load_events(model) -> list[tuple[str, int, int]]:
             keep = [(n + 1) // 2, 64, 4, blocks, 4 * -(-blocks // 256), 1024]
             events += [("a", id(m) * 16 + i, request(s)) for i, s in enumerate(temp + keep)]
             events += [("f", id(m) * 16 + i, request(s)) for i, s in reversed(list(enumerate(temp)))]
-            seen.add(id(m.weight))
+            seen.add(id(m.packed))
     for p in model.parameters():
         if id(p) not in seen and p.numel():
             seen.add(id(p))
