@@ -49,7 +49,7 @@ def _build_triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr, out_ptr, n,
+    def nf4_dequantize_kernel(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr, out_ptr, n,
                BLOCK: tl.constexpr):
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = idx < n
@@ -62,7 +62,7 @@ def _build_triton_kernel():
             absmax_scale_ptr + block // 256, mask=inside, other=0.0) + tl.load(offset_ptr)
         tl.store(out_ptr + idx, (value * absmax).to(out_ptr.dtype.element_ty), mask=inside)
 
-    return kernel
+    return nf4_dequantize_kernel
 
 
 def dequantize_nf4_triton(packed, absmax_q, absmax_map, absmax_scale, absmax_offset, nf4_code,

@@ -23,6 +23,8 @@ from torch import nn
 
 from lorafit.config import LoraConfig
 from lorafit.errors import ModelError
+from lorafit.kernels.lora import lora_linear
+from lorafit.kernels.nf4 import FORCE_REFERENCE
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -44,6 +46,13 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if FORCE_REFERENCE:
+            return self.reference_forward(x)
+        x_lora = self.lora_dropout(x)
+        return lora_linear(x, x_lora, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain composition, autograd through every op: the twin of kernels.lora.LoRAFunction."""
         y = self.base_layer(x)
         # A and B stay fp32 (they are the trained master weights); the update runs in the activations' dtype.
         a = self.lora_A.weight.to(x.dtype)
