@@ -137,3 +137,44 @@ def test_fused_lora_equals_plain_composition_on_gpu_bf16():
         layer.zero_grad(set_to_none=True)
     for fused, plain in zip(*results):
         assert ((fused - plain).norm() / plain.norm()).item() < 1e-2
+
+
+def test_cross_entropy_grad_reference_known_values():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    loss = __import__("lorafit.kernels.cross_entropy", fromlist=["x"]).cross_entropy_grad_reference(
+        logits, torch.tensor([1, 0]))
+    e = torch.exp(torch.tensor(2.0))
+    torch.testing.assert_close(loss, torch.stack([torch.log(torch.tensor(4.0)), torch.log(e + 3) - 2]))
+    torch.testing.assert_close(logits[0], torch.tensor([0.25, -0.75, 0.25, 0.25]))
+    torch.testing.assert_close(logits[1], torch.stack([e / (e + 3) - 1] + [1 / (e + 3)] * 3))
+
+
+def test_fused_linear_cross_entropy_equals_autograd():
+    """Loss and dL/dhidden of the gradient-in-forward head against F.cross_entropy through autograd, with a chunk
+    size that does not divide the row count."""
+    from lorafit.kernels.cross_entropy import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(37, 24), torch.randn(101, 24)
+    targets = torch.randint(0, 101, (37,))
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    fused = linear_cross_entropy_sum(h1, weight, targets, chunk_tokens=10)
+    (fused * 0.5).backward()
+    plain = torch.nn.functional.cross_entropy(h2 @ weight.t(), targets, reduction="sum")
+    (plain * 0.5).backward()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(h1.grad, h2.grad)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cross_entropy_kernel_equals_reference():
+    from lorafit.kernels.cross_entropy import cross_entropy_grad, cross_entropy_grad_reference
+
+    torch.manual_seed(0)
+    logits = torch.randn(67, 151936 - 5, device="cuda", dtype=torch.bfloat16) * 4
+    targets = torch.randint(0, logits.shape[1], (67,), device="cuda")
+    fast_logits, ref_logits = logits.clone(), logits.clone()
+    fast, ref = cross_entropy_grad(fast_logits, targets), cross_entropy_grad_reference(ref_logits, targets)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast_logits.float(), ref_logits.float(), rtol=1e-2, atol=1e-5)

@@ -49,8 +49,8 @@ def _build_triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def nf4_dequantize_kernel(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr, out_ptr, n,
-               BLOCK: tl.constexpr):
+    def nf4_dequantize_kernel(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr,
+                              out_ptr, n, BLOCK: tl.constexpr):
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = idx < n
         byte = tl.load(packed_ptr + idx // 2, mask=inside, other=0).to(tl.int32)

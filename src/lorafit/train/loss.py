@@ -2,7 +2,8 @@
 
 Only positions whose next token carries a label are sent through the LM head: with the loss on assistant tokens,
 that skips the prompt's share of the head's FLOPs and memory. Each chunk's logits are recomputed in backward
-(checkpoint) instead of stored: at Qwen2.5's 152k vocabulary, 4k target tokens of fp32 logits are 2.5 GB.
+(checkpoint) instead of stored: at Qwen2.5's 152k vocabulary, 4k target tokens of fp32 logits are 2.5 GB. With a frozen
+head (LoRA, QLoRA) `kernels.cross_entropy` does better: each chunk's gradient is computed in the forward pass.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from lorafit.data.example import IGNORE_INDEX
+from lorafit.kernels.cross_entropy import linear_cross_entropy_sum
+from lorafit.kernels.nf4 import FORCE_REFERENCE
 
 LOSS_CHUNK_TOKENS = 1024
 
@@ -35,8 +38,10 @@ def target_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor,
     count = targets.numel()
     if count == 0:
         return hidden.sum() * 0.0, 0
-    total = hidden.new_zeros((), dtype=torch.float32)
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+    if needs_grad and not model.lm_head.weight.requires_grad and not FORCE_REFERENCE:
+        return linear_cross_entropy_sum(hidden, model.lm_head.weight, targets, chunk_tokens), count
+    total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if needs_grad and count > chunk_tokens:
