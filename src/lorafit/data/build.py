@@ -36,7 +36,10 @@ def _pick_format(records: list[Record], cfg: DataConfig) -> str:
     return detect_format(records[0])  # none is recognisable: raise the first record's error
 
 
-def records_to_examples(records: list[Record], cfg: DataConfig, tokenizer, report: DataReport) -> list[Example]:
+def records_to_examples(records: list[Record], cfg: DataConfig, tokenizer, report: DataReport,
+                        uncut: list[Example] | None = None) -> list[Example]:
+    """Examples as training uses them; `uncut` (if given) also gets every tokenized record before the length rule
+    and the target check, for `lorafit data stats` and `preview`."""
     fmt = report.format = _pick_format(records, cfg)
     examples = []
     for record in records:
@@ -51,6 +54,8 @@ def records_to_examples(records: list[Record], cfg: DataConfig, tokenizer, repor
             ids, labels = tokenize_conversation(tokenizer, conversation, cfg.loss_on)
         except DataError as e:  # a template problem: it would hit every record, so never skipped
             raise DataError(f"{record.source}: {e}") from None
+        if uncut is not None:
+            uncut.append(Example(ids, labels, record.source))
         if len(ids) > cfg.max_length:
             if cfg.overlong == "drop":
                 report.dropped_overlong += 1
