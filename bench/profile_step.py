@@ -117,14 +117,14 @@ def main() -> None:
     step_s = (time.perf_counter() - t) / args.steps
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step()
         torch.cuda.synchronize()
     families: dict[str, float] = collections.Counter()
     kernels = []
     for evt in prof.key_averages():
         us = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
-        if us <= 0 or evt.key.startswith("cuda"):
+        if us <= 0 or evt.key.startswith("cuda") or evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         families[kernel_family(evt.key)] += us
         kernels.append((us, evt.count, evt.key[:110]))
@@ -139,6 +139,8 @@ def main() -> None:
         print(f"  {family:16s} {us / 1e3:8.1f} ms  {us / 1e4 / gpu_s:5.1f}%")
     for us, count, key in sorted(kernels, reverse=True)[: args.top]:
         print(f"  {us / 1e3:8.2f} ms  x{count:<5d} {key}")
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    print("  CPU self time: " + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / 1e3:.0f} ms x{e.count}" for e in cpu))
     print("PROFILE", json.dumps(dict(model=args.model, seq=args.seq, bs=args.batch, step_ms=round(step_s * 1e3),
                                      tok_s=round(tokens / step_s), gpu_ms=round(gpu_s * 1e3),
                                      floor_ms=round(floor * 1e3), matmul_tflops=round(rate / 1e12),

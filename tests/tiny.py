@@ -37,11 +37,12 @@ def make_tiny_tokenizer(vocab_size: int = 320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def make_tiny_checkpoint(tmp_path: Path, family: str, seed: int = 0):
+def make_tiny_checkpoint(tmp_path: Path, family: str, seed: int = 0, **overrides):
+    """`overrides` replace COMMON's fields (e.g. num_hidden_layers=5)."""
     import transformers
 
     config_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(**COMMON, **extra)
+    config = getattr(transformers, config_name)(**{**COMMON, **overrides}, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # HF initialises norms to one; random norms catch a misplaced norm weight

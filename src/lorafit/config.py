@@ -35,6 +35,15 @@ class ModelConfig:
                                     default=False)
     allow_pickle: bool = _help("read .bin/.pt weights (PyTorch's restricted unpickler); off: safetensors only",
                                default=False)
+    stream_layers: Literal["auto", "off", "on"] = _help(
+        "QLoRA: keep decoder layers' 4-bit weights in CPU memory and copy each to the GPU as it runs (70B on 24 GB); "
+        "auto: when --gpu-memory says the model does not fit resident", default="auto")
+    resident_layers: int | None = _help("with streaming, decoder layers that stay on the GPU (null: as many as "
+                                        "the --gpu-memory plan fits, 0 without one)", default=None)
+
+    def __post_init__(self):
+        if self.resident_layers is not None and self.resident_layers < 0:
+            raise ConfigError(f"model.resident_layers must be >= 0, got {self.resident_layers}")
 
 
 @dataclass
@@ -121,12 +130,18 @@ class Config:
     device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
     gpu_memory: str | None = _help("fit the run to this GPU budget (12GB, rtx4070, t4, ...): settings from the "
                                    "memory plan, allocator capped there", default=None)
+    distributed: Literal["auto", "ddp", "fsdp"] = _help(
+        "with several processes (lorafit train --gpus N, or torchrun): ddp keeps the whole model on every GPU and "
+        "sums the LoRA gradients; fsdp shards weights, adapters and optimizer states; auto: ddp when the memory "
+        "plan fits one GPU, else fsdp. micro_batch_size is per process", default="auto")
     log_every: int = _help("steps between metric lines", default=1)
     val_every: int = _help("steps between validation-loss evaluations (0: only at the end)", default=0)
     save_every: int = _help("steps between checkpoints (0: only the final adapter)", default=0)
     keep_checkpoints: int = _help("most recent checkpoints kept on disk", default=2)
     resume: str | None = _help("checkpoint folder to continue from, or 'auto' for the latest in output_dir",
                                default=None)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _help(
+        "experiment trackers that also get the logged scalars (each needs its package)", default_factory=list)
 
     def __post_init__(self):
         for name in ("micro_batch_size", "grad_accum"):
@@ -138,6 +153,8 @@ class Config:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
+        if self.model.stream_layers == "on" and self.method != "qlora":
+            raise ConfigError(f"model.stream_layers on streams the NF4 base: it needs method qlora, not {self.method}")
 
 
 # --- loading -------------------------------------------------------------------------------------------------------

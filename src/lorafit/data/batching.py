@@ -94,6 +94,7 @@ class BatchStream:
             raise ValueError("no training examples")
         self.examples, self.max_length, self.packing, self.seed, self.pad_id = examples, max_length, packing, seed, pad_id
         self._epochs: dict[int, list[list[int]]] = {}
+        self._lengths: dict[int, int] = {}  # rows per epoch, kept for all epochs (the rows only for the latest)
 
     def rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
@@ -119,3 +120,30 @@ class BatchStream:
             if index >= len(rows):
                 epoch, index = epoch + 1, 0
         return collate(self.examples, picked, self.pad_id, self.packing), epoch + index / max(len(self.rows(epoch)), 1)
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(epoch, index within the epoch) of the run's row number `row`."""
+        epoch = 0
+        while row >= self._length(epoch):
+            row -= self._length(epoch)
+            epoch += 1
+        return epoch, row
+
+    def _length(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            self._lengths[epoch] = len(self.rows(epoch))
+        return self._lengths[epoch]
+
+    def epoch_at(self, row: int) -> float:
+        """The (fractional) epoch reached when the rows before `row` have been trained on."""
+        epoch, index = self.locate(row)
+        return epoch + index / self._length(epoch)
+
+    def batch_of(self, rows: list[int]) -> tuple[Batch, float]:
+        """The run's rows with these numbers as one batch (a rank's share of a step: every N-th row), and the
+        epoch reached after the last of them."""
+        picked = []
+        for row in rows:
+            epoch, index = self.locate(row)
+            picked.append(self.rows(epoch)[index])
+        return collate(self.examples, picked, self.pad_id, self.packing), self.epoch_at(rows[-1] + 1)

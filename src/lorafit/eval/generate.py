@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorafit.model.llama import KVCache
+from lorafit.train.distributed import all_ranks
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -61,7 +62,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
                 for b in range(len(batch)):
                     if not done[b] and any(s in tokenizer.decode(generated[b][-16:]) for s in stop_strings):
                         done[b] = True
-            if bool(done.all()):
+            if all_ranks(bool(done.all())):  # several processes (FSDP): every rank runs each forward, so stop together
                 break
             step_ids = next_ids[:, None]
             step_pos = step_pos[:, -1:] + 1

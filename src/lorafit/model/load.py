@@ -1,13 +1,16 @@
 """Load a local Hugging Face folder (or a GGUF file, or the bundled model) into lorafit's model, ready to train.
 
-The model is built on the meta device and the checkpoint tensors are assigned into it (no second copy, no random
-init); quantization and LoRA are applied afterwards, by wrapping.
+The model is built on the meta device and the checkpoint tensors are assigned into it one at a time as they are
+read (no second copy, no random init, never the whole checkpoint in memory); for QLoRA each decoder linear is
+quantized to NF4 the moment its weight is read. LoRA is applied afterwards, by wrapping. A folder written by
+`lorafit quantize` (model/nf4_checkpoint.py) holds the NF4 tensors themselves and is marked in its config.json.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +20,17 @@ from safetensors import safe_open
 from lorafit.errors import ModelError
 from lorafit.model.llama import SUPPORTED_TYPES, CausalLM, ModelArgs
 
+CPU = torch.device("cpu")
+QUANTIZATION_KEY = "lorafit_quantization"  # config.json key of a pre-quantized folder
+NF4_MARKER = {"method": "nf4", "blocksize": 64, "double_quant": True}
+
 
 @dataclass
 class Loaded:
     model: CausalLM
     tokenizer: object
     path: Path  # the resolved Hugging Face folder
+    streamer: object | None = None  # model.stream.LayerStreamer when decoder layers stream from CPU memory
 
 
 def resolve_model_path(path: str) -> Path:
@@ -61,9 +69,9 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     if pickles and allow_pickle:
         return pickles
     if pickles:
-        raise ModelError(f"{folder}: only pickle weights (.bin/.pt) found; pickle can run code when loaded, so lorafit "
-                         "reads safetensors only. Convert the checkpoint to safetensors, or pass --model.allow-pickle true "
-                         "if you trust its source.")
+        raise ModelError(f"{folder}: only pickle weights (.bin/.pt) found; pickle can run code when loaded, so "
+                         "lorafit reads safetensors only. Convert the checkpoint to safetensors, or pass "
+                         "--model.allow-pickle true if you trust its source.")
     raise ModelError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -89,56 +97,113 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     return tok
 
 
-def read_weights(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
-    # only reached with allow_pickle; weights_only refuses any object but tensors and plain containers
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+def iter_weights(folder: Path, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint tensor, read one at a time: the caller holds at most one of them."""
+    for file in weight_files(folder, allow_pickle):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 -- safe_open has no __iter__
+                    yield key, f.get_tensor(key)
+        else:  # only reached with allow_pickle; weights_only refuses any object but tensors and plain containers
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            while state:
+                yield state.popitem()
+
+
+def prequantized(hf_config) -> dict | None:
+    """The `lorafit_quantization` marker of a folder written by `lorafit quantize`, checked; None for a plain one."""
+    marker = getattr(hf_config, QUANTIZATION_KEY, None)
+    if marker is None:
+        return None
+    if not isinstance(marker, dict) or {k: marker.get(k) for k in NF4_MARKER} != NF4_MARKER:
+        raise ModelError(f"config.json: {QUANTIZATION_KEY} {marker!r} is not lorafit's NF4 format {NF4_MARKER}")
+    return marker
+
+
+def layer_index(name: str) -> int | None:
+    """Decoder layer of a module or tensor name (`model.layers.12.mlp.up_proj` -> 12), else None."""
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] else None
 
 
 def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               quantize: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False) -> Loaded:
-    """Build the model from `path`; with `quantize`, decoder linears become NF4 on `device` layer by layer."""
+               quantize: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
+               stream_resident: int | None = None) -> Loaded:
+    """Build the model from `path`, reading the checkpoint one tensor at a time.
+
+    With `quantize` each decoder linear becomes NF4 on `device` as its 16-bit weight is read, so loading peaks at one
+    16-bit matrix beyond the quantized model (on the CPU and on `device`); a folder written by `lorafit quantize` is
+    NF4 already and loads as it is (always quantized). With `stream_resident=K` (QLoRA only) the NF4 weights of
+    decoder layers K.. stay in pinned CPU memory and are copied to `device` just before each layer runs
+    (`model/stream.py`); everything else lives on `device`.
+    """
+    from lorafit.model.quantize import NF4_TENSORS, NF4Linear, is_quantizable
+
     folder = resolve_model_path(path)
     hf_config = read_hf_config(folder, trust_remote_code)
     args = ModelArgs.from_hf(hf_config)
+    marker = prequantized(hf_config)
+    quantize = quantize or marker is not None
+    if stream_resident is not None and not quantize:
+        raise ModelError("layer streaming moves NF4 weights: it needs method qlora")
+    device = torch.device(device)
     with torch.device("meta"):
         model = CausalLM(args, hf_config)
-    state = {}
-    for file in weight_files(folder, allow_pickle):
-        state.update(read_weights(file))
+    nf4: dict[str, NF4Linear] = {}
+    if quantize:  # empty NF4 modules, filled as their weights arrive
+        for name, module in list(model.named_modules()):
+            if is_quantizable(name, module):
+                parent, _, child = name.rpartition(".")
+                nf4[name] = NF4Linear(module.out_features, module.in_features, module.bias, dtype, device="meta")
+                setattr(model.get_submodule(parent), child, nf4[name])
+
+    def home(name: str) -> torch.device:  # streamed layers keep their NF4 tensors on the CPU
+        index = layer_index(name)
+        return CPU if stream_resident is not None and index is not None and index >= stream_resident else device
+
     expected = set(model.state_dict())
-    if args.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    missing = sorted(expected - set(state))
-    if missing:
-        raise ModelError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-    state = {k: v for k, v in state.items() if k in expected}
-    model.load_state_dict(state, assign=True, strict=False)
+    for key, tensor in iter_weights(folder, allow_pickle):
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in nf4 and leaf == "weight" and marker is None:
+            _fill_nf4(nf4[module_name], tensor, device, dtype, home(module_name))
+        elif key in expected and not (key == "lm_head.weight" and args.tie_word_embeddings):
+            module = model.get_submodule(module_name)
+            floating = tensor.is_floating_point() and not (module_name in nf4 and leaf != "bias")
+            place = home(key) if module_name in nf4 and leaf != "bias" else device
+            value = tensor.to(place, dtype if floating else tensor.dtype)
+            if leaf in module._parameters:
+                old = module._parameters[leaf]
+                module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+            else:
+                module._buffers[leaf] = value
+        del tensor  # one checkpoint tensor alive at a time
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if quantize:
-        from lorafit.model.quantize import quantize_nf4
+    missing = sorted({f"{n.rpartition('.')[0]}.weight" if n.rpartition(".")[2] in NF4_TENSORS and marker is None else n
+                      for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta})
+    if missing:
+        raise ModelError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq.to(device, torch.float32)
+    streamer = None
+    if stream_resident is not None:
+        from lorafit.model.stream import stream_layers
 
-        quantize_nf4(model, device, dtype)
-    model.to(device=device, dtype=dtype) if not quantize else _move_dense(model, device, dtype)
-    model.model.rotary_emb.inv_freq.data = model.model.rotary_emb.inv_freq.data.float()
-    return Loaded(model=model, tokenizer=load_tokenizer(folder, trust_remote_code), path=folder)
+        streamer = stream_layers(model, device, stream_resident)
+    return Loaded(model=model, tokenizer=load_tokenizer(folder, trust_remote_code), path=folder, streamer=streamer)
 
 
-def _move_dense(model: torch.nn.Module, device, dtype):
-    from lorafit.model.quantize import is_nf4
+def _fill_nf4(module, weight: torch.Tensor, device: torch.device, dtype: torch.dtype, home: torch.device) -> None:
+    """Quantize one 16-bit weight on `device` into `module`'s NF4 tensors, then move them `home`."""
+    from lorafit.model.quantize import NF4_TENSORS, NF4Linear
 
-    """Move everything but the NF4 weights (already on device) to `device`, floating tensors in `dtype`."""
-    for module in model.modules():
-        if is_nf4(module):
-            continue
-        for name, p in list(module.named_parameters(recurse=False)):
-            p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
-        for name, b in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = b.to(device)
+    linear = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    quantized = NF4Linear.from_linear(linear, device, dtype)
+    del linear, weight
+    for name in NF4_TENSORS:
+        value = getattr(quantized, name).to(home)
+        setattr(module, name, torch.nn.Parameter(value, requires_grad=False) if name == "packed" else value)
 
 
 def model_identity(folder: Path) -> dict:

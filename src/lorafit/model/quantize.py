@@ -85,6 +85,9 @@ class NF4Linear(nn.Module):
         return module
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.absmax_q.is_meta and not self.packed.is_meta:  # model/stream.py's mark of a layer not fetched
+            raise RuntimeError("NF4 weights of a streamed layer used while they are not on the device: run the "
+                               "layer through its module call (the streaming hooks fetch them)")
         return dequantize_nf4(*(getattr(self, name) for name in NF4_TENSORS),
                               shape=(self.out_features, self.in_features), dtype=dtype or self.compute_dtype)
 

@@ -20,7 +20,7 @@ larger of the two working sets.
 
 from __future__ import annotations
 
-from lorafit.plan.memory import LOSS_CHUNK_TOKENS, Estimate, Run, blk
+from lorafit.plan.memory import LOSS_CHUNK_TOKENS, Estimate, Run, blk, stream_layer_bytes, stream_slots
 from lorafit.plan.presets import Shape
 
 MIB = 2**20
@@ -63,10 +63,12 @@ def packed(sizes: list[int]) -> int:
 def persistent_sizes(shape: Shape, run: Run) -> list[int]:
     """Sizes of the tensors loaded once (weights, constants, adapters), for segment packing."""
     sizes = []
+    nf4_layers = shape.layers if run.resident_layers is None else min(shape.layers, run.resident_layers)
+    sizes += [stream_layer_bytes(shape)] * (stream_slots(shape, run.resident_layers) if run.method == "qlora" else 0)
     for _, i, o, _ in shape.linears():
         n = i * o
         if run.method == "qlora":
-            sizes += [-(-n // 2), -(-n // 64)] * shape.layers
+            sizes += [-(-n // 2), -(-n // 64)] * nf4_layers
         else:
             sizes += [(4 if run.method == "full" else 2) * n] * shape.layers
         if run.method != "full" and _ in run.lora_targets:

@@ -119,12 +119,26 @@ def fit_to_budget(cfg, budget_bytes: int) -> dict:
     """Overrides (load_config's nested-dict form) that make `cfg` fit an allocator budget and train fastest.
 
     Keeps the effective batch (micro_batch_size x grad_accum) and the sequence length when anything fits at it;
-    otherwise shortens data.max_length to the longest that fits at micro-batch 1. Raises PlanError if even 256
-    tokens do not fit.
+    a QLoRA model that does not fit resident streams its decoder layers from CPU memory instead (model.stream_layers
+    auto; `on` always streams), with as many layers resident as fit (plan/stream.py); otherwise shortens
+    data.max_length to the longest that fits at micro-batch 1. Raises PlanError if even 256 tokens do not fit.
     """
     shape, run, effective = run_from_config(cfg)
     card = Card("budget", f"{budget_bytes / 2**30:.2f} GiB budget", int(budget_bytes), "sm90", context_bytes=0)
     choice = fastest(shape, run, card, effective)
+    stream = cfg.model.stream_layers if run.method == "qlora" else "off"
+    if stream == "on" or (stream == "auto" and choice is None):
+        from lorafit.plan.stream import fastest_streaming
+
+        streaming = fastest_streaming(shape, run, card, effective, cfg.model.resident_layers)
+        if streaming is not None:
+            picked, timing = streaming
+            return {"micro_batch_size": picked.run.batch, "grad_accum": picked.grad_accum,
+                    "gradient_checkpointing": picked.run.checkpointing,
+                    "model": {"stream_layers": "on", "resident_layers": timing.resident}}
+        if stream == "on":
+            raise PlanError(f"{shape.name} does not fit {card.name} even with every decoder layer streamed at "
+                            f"{run.seq} tokens per row; shorten data.max_length")
     seq = run.seq
     if choice is None:
         seq = longest_seq(shape, replace(run, batch=1), card, limit=run.seq)

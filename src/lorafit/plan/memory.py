@@ -55,6 +55,7 @@ class Run:
     packed: bool = False  # rows hold several examples, so attention needs a mask
     optimizer: str = "paged_adamw_8bit"
     targets: int | None = None  # tokens carrying loss per micro-batch; None: all (B * (T - 1)), the worst case
+    resident_layers: int | None = None  # QLoRA layer streaming: decoder layers kept on the GPU (None: all)
 
     @property
     def tokens(self) -> int:
@@ -102,8 +103,26 @@ def nf4_bytes(n: int) -> tuple[int, int]:
     return blk(-(-n // 2)), blk(blocks) + blk(4 * -(-blocks // 256)) + blk(4) + blk(64) + blk(1024)
 
 
-def weight_lines(shape: Shape, method: str) -> list[Line]:
-    """The frozen (or, for full, trained) model: decoder linears, embeddings/head, norms and biases."""
+def stream_layer_bytes(shape: Shape) -> int:
+    """Bytes of one decoder layer's NF4 tensors as model/stream.py lays them out in one buffer (each tensor aligned
+    to 64 bytes): what one slot holds and one copy moves."""
+    total = 0
+    for _, i, o, _ in shape.linears():
+        n = i * o
+        blocks = -(-n // 64)
+        total += sum(-(-b // 64) * 64 for b in (-(-n // 2), blocks, 1024, 4 * -(-blocks // 256), 4, 64))
+    return total
+
+
+def stream_slots(shape: Shape, resident: int | None) -> int:
+    """GPU slot buffers of layer streaming: two (double buffering), fewer when fewer layers stream."""
+    return 0 if resident is None else min(2, max(0, shape.layers - resident))
+
+
+def weight_lines(shape: Shape, method: str, resident: int | None = None) -> list[Line]:
+    """The frozen (or, for full, trained) model: decoder linears, embeddings/head, norms and biases. With layer
+    streaming (`resident` layers of NF4 on the GPU) the other layers' NF4 tensors live in CPU memory and two slot
+    buffers of one layer each take their place."""
     wb = 4 if method == "full" else 2  # full fine-tuning keeps fp32 master weights; LoRA/QLoRA a bf16 base
     codes = consts = dense = bias = 0
     for _, i, o, has_bias in shape.linears():
@@ -118,8 +137,15 @@ def weight_lines(shape: Shape, method: str) -> list[Line]:
     norms = (2 * L + 1) * blk(wb * H) + (2 * L * blk(wb * shape.head_dim) if shape.qk_norm else 0)
     lines = []
     if method == "qlora":
-        lines += [Line("weights", "decoder linears, NF4 codes", L * codes, "4 bits per weight"),
-                  Line("weights", "NF4 constants (double-quantized absmax)", L * consts, "0.127 bits per weight")]
+        on_gpu = L if resident is None else min(L, resident)
+        where = "" if resident is None else f" ({on_gpu} of {L} layers resident)"
+        lines += [Line("weights", f"decoder linears, NF4 codes{where}", on_gpu * codes, "4 bits per weight"),
+                  Line("weights", "NF4 constants (double-quantized absmax)", on_gpu * consts, "0.127 bits per weight")]
+        slots = stream_slots(shape, resident)
+        if slots:
+            lines.append(Line("weights", f"stream slots: {slots} x one layer's NF4",
+                              slots * blk(stream_layer_bytes(shape)),
+                              f"the other {L - on_gpu} layers copied in from pinned CPU memory as they run"))
     else:
         lines.append(Line("weights", f"decoder linears, {'fp32' if wb == 4 else 'bf16'}", L * dense,
                           f"{wb} bytes per weight"))
@@ -231,7 +257,7 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     res = 4 if full else act  # full: fp32 embedding output, so the residual stream is fp32
     ws = 2 * (card.cublas_workspace if card else 32 * 2**20)  # one cuBLAS workspace per thread: forward, autograd
 
-    persistent = weight_lines(shape, run.method)
+    persistent = weight_lines(shape, run.method, run.resident_layers if run.method == "qlora" else None)
     tensors = trainable_tensors(shape, run)
     p_bytes = sum(blk(4 * n) for n in tensors)
     opt_in, opt_paged = optimizer_bytes(tensors, run.optimizer)

@@ -64,11 +64,13 @@ def _verdict(plan: Plan) -> str:
 
 def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 2048, batch: int = 1,
                  gpu: str = "24GB", fits: bool = False, checkpointing: bool = True, grad_accum: int = 1,
-                 lora_r: int = 16, packed: bool = False, console=None) -> dict:
+                 lora_r: int = 16, packed: bool = False, stream: str = "auto", console=None) -> dict:
     """Print the memory plan of one run on one card (or, with fits=True, the table over every preset) and return it.
 
     The returned dict holds bytes: allocated, reserved, needed, card budget, the recipe's numbers when it applies,
-    and the fastest settings that fit (micro_batch_size, grad_accum, gradient_checkpointing, max_length).
+    and the fastest settings that fit (micro_batch_size, grad_accum, gradient_checkpointing, max_length). A QLoRA
+    run that fits no setting resident (or any, with stream="on") gets a layer-streaming plan under "stream"
+    (plan/stream.py: resident layers, bytes streamed per step, predicted step time); "off" never streams.
     """
     console = _console(console)
     card = resolve_card(gpu)
@@ -95,6 +97,15 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
                       f"reserved {gib(r.reserved)} GiB: lorafit saves {gib(r.reserved - plan.lorafit.reserved)} GiB")
         out["recipe"] = {"allocated": r.allocated, "reserved": r.reserved}
     choice = fastest(shape, run, card, batch * grad_accum)
+    out["stream"] = None
+    if method == "qlora" and (stream == "on" or (stream == "auto" and choice is None)):
+        from lorafit.plan.stream import fastest_streaming
+
+        streaming = fastest_streaming(shape, run, card, batch * grad_accum)
+        if streaming is not None:
+            out["stream"] = print_streaming(*streaming, card, console)
+            out["fastest"] = out["stream"]["settings"]
+            return out
     max_length = seq
     if choice is None:
         max_length = longest_seq(shape, replace(run, batch=1), card, limit=seq)
@@ -110,6 +121,27 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
     out["fastest"] = {"micro_batch_size": c.batch, "grad_accum": choice.grad_accum,
                       "gradient_checkpointing": c.checkpointing, "max_length": max_length}
     return out
+
+
+def print_streaming(choice, timing, card, console) -> dict:
+    """The layer-streaming plan: its memory table, what crosses PCIe per step and the predicted step time."""
+    c, t = choice.run, timing
+    console.print(f"[yellow]does not fit resident[/yellow]: stream decoder layers from pinned CPU memory "
+                  f"(model/stream.py), {t.resident} of {t.layers} resident")
+    console.print(plan_table(choice.plan))
+    console.print(f"streamed per step: {gib(t.streamed_bytes_per_step)} GiB ({t.copies_per_step} copies of "
+                  f"{t.layer_bytes / 2**20:.0f} MiB); CPU memory for the streamed layers: "
+                  f"{gib((t.layers - t.resident) * t.layer_bytes)} GiB pinned")
+    d = t.as_dict(c)
+    console.print(f"predicted step: {t.step_s:.2f} s ({d['tokens_per_s']:,.0f} tokens/s): compute {t.compute_s:.2f} s, "
+                  f"copies {t.copy_s:.2f} s at {d['pcie_bytes_per_s'] / 1e9:.0f} GB/s, overlapped layer by layer "
+                  f"(matmuls at {d['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s)")
+    settings = {"micro_batch_size": c.batch, "grad_accum": choice.grad_accum, "gradient_checkpointing": c.checkpointing,
+                "max_length": c.seq, "stream_layers": "on", "resident_layers": t.resident}
+    console.print(f"settings: --micro-batch-size {c.batch} --grad-accum {choice.grad_accum} --gradient-checkpointing "
+                  f"{str(c.checkpointing).lower()} --model.stream-layers on --model.resident-layers {t.resident} "
+                  f"(needs {gib(choice.plan.needed)} of {gib(card.budget)} GiB)")
+    return {**d, "needed": choice.plan.needed, "fits": choice.plan.fits, "settings": settings}
 
 
 def fits_command(card, console=None, seq: int = 2048) -> dict:

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `step-000120/` written first as `step-000120.tmp/`, every file fsynced, then renamed:
 a rename is atomic, so a folder without `.tmp` is always complete. It holds the trainable weights
-(safetensors), the optimizer and scheduler states, the RNG states and the step; the data position needs
-no saving because batches are a pure function of (seed, step).
+(safetensors), the optimizer and scheduler states, the RNG states, the step and the global row reached (batches are
+a pure function of the seed and the row number, so a run resumed on another number of processes continues there).
+Weights and optimizer states are saved whole, also from a sharded (FSDP) run: every rank gathers, rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
+from lorafit.train import distributed
 
 PREFIX = "step-"
 
@@ -54,16 +56,23 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2) -> Path:
+    """Every rank calls this (gathering sharded states is collective); rank 0 writes."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f"{PREFIX}{step:06d}.tmp"
+    with distributed.full_trainable(model):
+        weights = trainable_state(model)
+    optimizer_state = distributed.full_optimizer_state(optimizer)
+    if not distributed.is_main():
+        distributed.barrier()  # returns once rank 0 has the checkpoint on disk
+        return final
     try:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **extra}, indent=1))
         for f in tmp.iterdir():
@@ -83,6 +92,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, ex
         doomed = old.with_name(old.name + ".tmp")
         os.rename(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -105,6 +115,11 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return path
 
 
+def read_meta(path: Path) -> dict:
+    """The checkpoint's step, global row reached, world size and evaluation record."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the checkpoint's meta (step, ...)."""
     saved = load_file(str(path / "trainable.safetensors"))
@@ -114,10 +129,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
                            "(was it made with another model, method or LoRA config?)")
     with torch.no_grad():
         for name, tensor in saved.items():
-            params[name].copy_(tensor)
+            params[name].copy_(distributed.shard_like(tensor, params[name]))  # FSDP: this rank's piece
     # weights_only: the state file holds tensors and plain containers only, so nothing in it can run code
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return json.loads((path / "meta.json").read_text())

@@ -21,12 +21,21 @@ from lorafit.eval.evaluate import evaluate_run, load_eval_conversations
 from lorafit.export.readme import write_adapter_readme
 from lorafit.model.load import load_model, model_identity
 from lorafit.model.lora import apply_lora, save_adapter
-from lorafit.train.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from lorafit.train import distributed
+from lorafit.train.checkpoint import (
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from lorafit.train.faults import Interrupted, StopRequest
 from lorafit.train.loss import target_loss_sum
 from lorafit.train.optim import build_optimizer, build_scheduler
 from lorafit.train.progress import Progress
-from lorafit.train.record import MetricsLog, data_fingerprint, library_versions, write_json_atomic
+from lorafit.train.record import MetricsLog, data_fingerprint, library_versions, peak_cpu_memory_gb, write_json_atomic
+from lorafit.train.trackers import Trackers
+from lorafit.train.watch import TrainingWatch
 
 
 @dataclass
@@ -60,9 +69,10 @@ def fit_to_gpu_budget(cfg: Config, device: torch.device, progress: Progress) -> 
     budget = budget_bytes(cfg.gpu_memory)
     overrides = fit_to_budget(cfg, budget)
     cfg = load_config(overrides=merge_settings(config_to_dict(cfg), overrides))
+    streaming = f", {cfg.model.resident_layers} decoder layers resident, the rest streamed from CPU memory"
     progress.say(f"gpu memory {cfg.gpu_memory} ({budget / 2**30:.1f} GiB): micro_batch_size {cfg.micro_batch_size}, "
                  f"grad_accum {cfg.grad_accum}, gradient_checkpointing {cfg.gradient_checkpointing}, "
-                 f"max_length {cfg.data.max_length}")
+                 f"max_length {cfg.data.max_length}" + (streaming if cfg.model.stream_layers == "on" else ""))
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
@@ -76,8 +86,15 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or Progress()
     device = resolve_device(cfg.device)
+    d, device = distributed.setup(device)  # under torchrun: one process per GPU; otherwise d.world == 1
+    if not d.main:
+        progress = Progress(quiet=True)  # rank 0 speaks and writes for all
+    if d.world > 1 and cfg.model.stream_layers == "auto":
+        cfg.model.stream_layers = "off"  # several GPUs shard the base (distributed) rather than stream it
     if cfg.gpu_memory:
         cfg = fit_to_gpu_budget(cfg, device, progress)
+    # report_to (rank 0's); a missing package stops us here
+    trackers = Trackers(cfg.report_to if d.main else [], out, config_to_dict(cfg))
     # GPU: bf16 weights and compute (fp32 LoRA masters under autocast); CPU: fp32 throughout (bf16 is slow there).
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.method != "full" else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
@@ -86,9 +103,17 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
 
     # 1. model and data
     progress.say(f"loading {cfg.model.path} ({cfg.method}) on {device}")
+    stream_resident = (cfg.model.resident_layers or 0) if cfg.model.stream_layers == "on" else None
+    if stream_resident is not None and d.world > 1:
+        raise LorafitError("model.stream_layers on is for one GPU; with several, distributed fsdp shards the base")
     loaded = load_model(cfg.model.path, device, dtype, quantize=cfg.method == "qlora",
-                        trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+                        trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle,
+                        stream_resident=stream_resident)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if loaded.streamer is not None:  # model/stream.py
+        s = loaded.streamer
+        progress.say(f"streaming decoder layers {s.first}-{len(s.layers) - 1} from pinned CPU memory "
+                     f"({len(s.streamed) * s.layer_bytes() / 2**30:.1f} GiB), {s.first} resident")
     ensure_chat_template(tokenizer)
     train_examples, val_examples, train_report, val_report = build_datasets(cfg.data, tokenizer, cfg.seed)
     progress.data_report(train_report, val_report)
@@ -100,28 +125,37 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     else:
         model.requires_grad_(True)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    d = distributed.prepare(model, cfg, d, device, progress.say)  # several processes: data parallel or FSDP2
     trainable = [p for p in model.parameters() if p.requires_grad]
     progress.say(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
                  f"of {sum(p.numel() for p in model.parameters()):,}")
 
-    # 3. schedule, optimizer, resume
+    # 3. schedule, optimizer, resume. A step is one global batch (micro-batch x accumulation x processes); the
+    # data position is the global row reached, so a resume on another number of processes continues from there.
     pad_id = tokenizer.pad_token_id
     stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.seed, pad_id)
-    rows_per_step = cfg.micro_batch_size * cfg.grad_accum
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.rows_per_epoch() / rows_per_step))
-    optimizer = build_optimizer(trainable, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, device)
-    scheduler = build_scheduler(optimizer, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
-    start_step, before, best, evals_since_best, stopped_early, meta = 0, {}, {}, 0, False, {}
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum * d.world
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
+    meta = read_meta(checkpoint) if checkpoint else {}
+    start_step = meta.get("step", 0)
+    start_row = meta.get("rows", start_step * rows_per_step)
+    total_steps = cfg.max_steps or max(1, start_step + math.ceil(
+        (cfg.epochs * stream.rows_per_epoch() - start_row) / rows_per_step))
+    optimizer = build_optimizer(trainable, distributed.optimizer_name(cfg.optimizer, d.strategy), cfg.learning_rate,
+                                cfg.weight_decay, device)
+    scheduler = build_scheduler(optimizer, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    before, best, evals_since_best, stopped_early = {}, {}, 0, False
     if checkpoint:
         meta = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        start_step, before, best = meta["step"], meta.get("before", {}), meta.get("best", {})
+        before, best = meta.get("before", {}), meta.get("best", {})
         progress.say(f"resumed from {checkpoint} at step {start_step}")
-    log = MetricsLog(out, keep_until_step=start_step)
+    log = MetricsLog(out, keep_until_step=start_step, trackers=trackers) if d.main else distributed.RankLog()
 
     def evaluate(tag: str, generation: bool) -> dict:
-        return evaluate_run(model, tokenizer, val_examples, eval_conversations if generation else [], cfg, tag, out,
-                            autocast)
+        # every rank evaluates (FSDP needs all in each forward); rank 0 writes, and its scores decide for all
+        scores = evaluate_run(model, tokenizer, val_examples, eval_conversations if generation else [], cfg, tag,
+                              out if d.main else None, autocast)
+        return distributed.broadcast(scores)
 
     # 4. the base model before any step (LoRA's B starts at zero, so this is the base exactly)
     if cfg.eval.before_training and start_step == 0:
@@ -131,9 +165,10 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
 
     # 5. train. Each step covers the same rows whatever the micro-batch size, so an out-of-memory retry with
     # half the micro-batch and twice the accumulation trains on exactly the same effective batch.
-    rows_per_step = cfg.micro_batch_size * cfg.grad_accum
-    micro_batch_size = meta.get("micro_batch_size", cfg.micro_batch_size) if checkpoint else cfg.micro_batch_size
+    same_world = meta.get("world_size", 1) == d.world
+    micro_batch_size = meta.get("micro_batch_size", cfg.micro_batch_size) if same_world else cfg.micro_batch_size
     bad_steps_in_a_row, skipped_steps = 0, 0
+    watch = TrainingWatch()  # gradient spikes and overfitting, said once each with remedies
     stop = StopRequest()
     model.train()
     progress.start(total_steps, start_step)
@@ -141,13 +176,16 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     try:
         while step < total_steps:
             t0 = time.perf_counter()
-            micro = [stream.batch(step * rows_per_step + j, micro_batch_size)
-                     for j in range(0, rows_per_step, micro_batch_size)]
-            num_targets = max(1, sum(batch.num_targets for batch, _ in micro))
+            row = start_row + (step - start_step) * rows_per_step
+            rows = d.local_rows(row, rows_per_step)  # this process's share: every d.world-th row
+            micro = [stream.batch_of(rows[j:j + micro_batch_size]) for j in range(0, len(rows), micro_batch_size)]
+            # the targets of the whole global batch, so N processes train exactly like one
+            num_targets = max(1, int(d.sum([sum(batch.num_targets for batch, _ in micro)])[0]))
             hidden = batch_loss = None
+            loss_sum, out_of_memory = 0.0, False
             try:
-                loss_sum = 0.0
-                for batch, _ in micro:
+                for i, (batch, _) in enumerate(micro):
+                    distributed.set_grad_sync(model, d, i == len(micro) - 1)
                     batch = batch.to(device)
                     with autocast() if autocast else contextlib.nullcontext():
                         hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids)
@@ -156,18 +194,28 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                     (batch_loss / num_targets).backward()
                     loss_sum += float(batch_loss.detach())
             except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
                 hidden = batch_loss = None  # they hold the failed step's activations
                 torch.cuda.empty_cache()
+                if d.strategy == "fsdp":  # the other ranks wait inside a collective: no coming back from here
+                    raise LorafitError("out of GPU memory under FSDP: lower micro_batch_size or data.max_length "
+                                       "(see `lorafit plan --gpus N --strategy fsdp`)") from None
+                out_of_memory = True
+            loss_sum, tokens, oom_ranks, stop_ranks = d.sum([loss_sum, sum(b.num_tokens for b, _ in micro),
+                                                             out_of_memory, stop.requested])
+            if oom_ranks:  # every rank retries the step together
+                optimizer.zero_grad(set_to_none=True)
                 if micro_batch_size == 1:
                     raise LorafitError("out of GPU memory at micro-batch 1: shorten data.max_length, turn on "
                                        "gradient_checkpointing, or use method qlora (see `lorafit plan`)") from None
                 micro_batch_size //= 2
                 progress.say(f"out of GPU memory at step {step + 1}: micro-batch now {micro_batch_size}, accumulation "
-                             f"{rows_per_step // micro_batch_size} (effective batch unchanged); retrying the step")
+                             f"{len(rows) // micro_batch_size} (effective batch unchanged); retrying the step")
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+            distributed.sync_grads(trainable, d)  # data parallel: sum the LoRA gradients over ranks
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable,
+                                                       cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            grad_norm = distributed.to_float(grad_norm)
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 # a NaN/Inf step must not reach the weights; skip it, and stop if it keeps happening
                 optimizer.zero_grad(set_to_none=True)
                 bad_steps_in_a_row, skipped_steps = bad_steps_in_a_row + 1, skipped_steps + 1
@@ -186,15 +234,16 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
-            tokens = sum(batch.num_tokens for batch, _ in micro)
             record = {"step": step + 1, "loss": loss_sum / num_targets, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tokens / seconds,
-                      "epoch": round(micro[-1][1], 4), "targets": num_targets}
+                      "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / seconds,
+                      "epoch": round(stream.epoch_at(row + rows_per_step), 4), "targets": num_targets,
+                      "cpu_mem_gb": peak_cpu_memory_gb()}
             if device.type == "cuda":
                 record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             last = step + 1 == total_steps
             if cfg.val_every and (step + 1) % cfg.val_every == 0 and not last and val_examples:
-                scores = evaluate(f"step{step + 1}", generation=bool(cfg.eval.every) and (step + 1) % cfg.eval.every == 0)
+                scores = evaluate(f"step{step + 1}",
+                                  generation=bool(cfg.eval.every) and (step + 1) % cfg.eval.every == 0)
                 record.update({f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
                 progress.scores(f"step {step + 1}", scores)
                 value = scores.get(cfg.eval.best_metric)
@@ -203,7 +252,9 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                     if not best or sign * value < sign * best[cfg.eval.best_metric]:
                         best, evals_since_best = {"step": step + 1, **scores}, 0
                         if cfg.method != "full":
-                            save_adapter(model, out / "best", cfg.lora, base_model=str(loaded.path))
+                            with distributed.full_trainable(model):
+                                if d.main:
+                                    save_adapter(model, out / "best", cfg.lora, base_model=str(loaded.path))
                     else:
                         evals_since_best += 1
                     if cfg.eval.patience and evals_since_best >= cfg.eval.patience:
@@ -211,16 +262,20 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                         progress.say(f"early stop at step {step + 1}: {cfg.eval.best_metric} has not improved for "
                                      f"{evals_since_best} evaluations (best {best[cfg.eval.best_metric]:.4g} at step "
                                      f"{best['step']}); the best adapter is in {out / 'best'}")
+            for warning in watch.observe(record):
+                progress.say(f"[yellow]warning[/yellow] {warning.message}")
+                log.write(warning.row)
             if (step + 1) % cfg.log_every == 0 or last:
                 log.write(record)
             progress.step(record)
             step += 1
-            meta_out = {"before": before, "best": best, "micro_batch_size": micro_batch_size}
-            if stop.requested and not last:
+            meta_out = {"before": before, "best": best, "micro_batch_size": micro_batch_size,
+                        "rows": row + rows_per_step, "world_size": d.world}
+            if (stop_ranks if d.enabled else stop.requested) and not last:  # several processes stop together
                 path = save_checkpoint(out, step, model, optimizer, scheduler, meta_out, cfg.keep_checkpoints)
                 progress.finish()
-                raise Interrupted(f"{stop.signal_name}: checkpoint saved at step {step} in {path}; continue with "
-                                  f"`lorafit train ... --output-dir {out} --resume auto`")
+                raise Interrupted(f"{stop.signal_name or 'stop'}: checkpoint saved at step {step} in {path}; "
+                                  f"continue with `lorafit train ... --output-dir {out} --resume auto`")
             if cfg.save_every and step % cfg.save_every == 0 and not last:
                 save_checkpoint(out, step, model, optimizer, scheduler, meta_out, cfg.keep_checkpoints)
             if stopped_early:
@@ -231,12 +286,13 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
 
     # 6. artifacts, then the fine-tuned model's scores
     artifact = out / ("adapter" if cfg.method != "full" else "model")
-    if cfg.method == "full":
-        from lorafit.export.full import save_full_model
+    with distributed.full_trainable(model):  # FSDP: the whole adapter on rank 0, one PEFT folder
+        if cfg.method == "full" and d.main:
+            from lorafit.export.full import save_full_model
 
-        save_full_model(model, tokenizer, artifact)
-    else:
-        save_adapter(model, artifact, cfg.lora, base_model=str(loaded.path))
+            save_full_model(model, tokenizer, artifact)
+        elif d.main:
+            save_adapter(model, artifact, cfg.lora, base_model=str(loaded.path))
     after = evaluate("after", generation=True)
     progress.scores("fine-tuned", after)
     last_step = step
@@ -250,8 +306,11 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
         "metrics": {"before": before, "best": best, "after": after},
         "final_train_loss": log.last_loss,
     }
-    write_json_atomic(out / "run.json", run)
-    if cfg.method != "full":
-        write_adapter_readme(artifact, run)  # what vLLM/SGLang users and the Hub read first
+    if d.main:
+        write_json_atomic(out / "run.json", run)
+        if cfg.method != "full":
+            write_adapter_readme(artifact, run)  # what vLLM/SGLang users and the Hub read first
+    trackers.close()
+    distributed.teardown()
     progress.summary(before, best, after)
     return RunResult(out, artifact, before, after, log.history, best, stopped_early)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 from rich.console import Console
@@ -14,16 +13,40 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# evaluation scores kept out of the one-line status: the table after each evaluation has them all
+_DETAIL = ("perplexity", "precision", "recall", "valid_rate")
+
+
+def compare_columns(before: dict, best: dict, after: dict) -> tuple[list[str], list[str], list[list]]:
+    """(column names, metric names, values per metric) for base model, best evaluation and final adapter; a value
+    is None where that evaluation lacks the metric. The terminal summary and `lorafit report` both use it."""
+    columns = [("base model", before), (f"best (step {best.get('step')})", best), ("final", after)]
+    columns = [(name, scores) for name, scores in columns if scores]
+    keys = [k for k in dict.fromkeys([*before, *best, *after])
+            if k != "step" and any(isinstance(s.get(k), (int, float)) for _, s in columns)]
+    values = [[s.get(k) if isinstance(s.get(k), (int, float)) else None for _, s in columns] for k in keys]
+    return [name for name, _ in columns], keys, values
+
+
 class Progress:
     def __init__(self, console: Console | None = None, live: bool | None = None, quiet: bool = False):
         self.console = console or Console(stderr=False)
-        self.live = sys.stdout.isatty() if live is None else live
+        # a live bar only when our output is a terminal; logs, CI and pipes get one plain line per step
+        self.live = _is_terminal(self.console.file) if live is None else live
         self.quiet = quiet
         self._bar = None
+        self.last_eval: dict = {}  # the latest evaluation's headline scores, shown with every step
 
     def say(self, text: str) -> None:
         if not self.quiet:
-            self.console.print(f"[dim]lorafit[/dim] {text}")
+            self.console.print(f"[dim]lorafit[/dim] {text}", soft_wrap=not self.live)  # log lines stay whole
 
     def data_report(self, train, val) -> None:
         self.say(f"data: {train.examples} training examples ({train.format}), {val.examples} validation; "
@@ -34,10 +57,12 @@ class Progress:
         if self.quiet or not scores:
             return
         shown = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+        self.last_eval = {k: v for k, v in shown.items() if not any(d in k for d in _DETAIL)}
         self.say(f"{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
     def start(self, total: int, first: int) -> None:
         self.total, self.first, self.t0 = total, first, time.perf_counter()
+        self.last_eval = {}
         if self.live and not self.quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
@@ -52,12 +77,16 @@ class Progress:
             return
         done = record["step"] - self.first
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - record["step"])
-        info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
-                + (f"  {record['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in record else ""))
+        info = (f"loss {record['loss']:.4f}" + "".join(f"  {k} {v:.4g}" for k, v in self.last_eval.items())
+                + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+                + (f"  gpu mem {record['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in record else "")
+                + (f"  cpu mem {record['cpu_mem_gb']:.1f} GB" if "cpu_mem_gb" in record and "gpu_mem_gb" not in record
+                   else ""))
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], info=info)
         else:
-            self.console.print(f"step {record['step']}/{self.total}  {info}  eta {_fmt_eta(eta)}", highlight=False)
+            self.console.print(f"step {record['step']}/{self.total}  {info}  eta {_fmt_eta(eta)}", highlight=False,
+                               soft_wrap=True)
 
     def finish(self) -> None:
         if self._bar is not None:
@@ -66,15 +95,11 @@ class Progress:
 
     def summary(self, before: dict, best: dict, after: dict) -> None:
         """Base model, best evaluation during training and final adapter, side by side."""
-        columns = [("base model", before), (f"best (step {best.get('step')})", best), ("final", after)]
-        columns = [(name, scores) for name, scores in columns if scores]
-        keys = [k for k in dict.fromkeys([*before, *best, *after])
-                if k != "step" and any(isinstance(s.get(k), (int, float)) for _, s in columns)]
+        names, keys, values = compare_columns(before, best, after)
         if self.quiet or not keys:
             return
-        cell = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        self.table("evaluation", ["metric"] + [n for n, _ in columns], [[k] + [cell(s.get(k)) for _, s in columns]
-                                                                         for k in keys])
+        cell = lambda v: f"{v:.4g}" if v is not None else "-"  # noqa: E731
+        self.table("evaluation", ["metric", *names], [[k] + [cell(v) for v in row] for k, row in zip(keys, values)])
 
     def table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
         table = Table(title=title)

@@ -44,12 +44,12 @@ def library_versions() -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl, one line per logged step; TensorBoard too when it is installed.
+    """metrics.jsonl, one line per logged step; the scalars also go to the trackers of `report_to`, if any.
 
     On resume, lines after the checkpoint's step are dropped so the file shows one continuous curve.
     """
 
-    def __init__(self, output_dir: Path, keep_until_step: int = 0):
+    def __init__(self, output_dir: Path, keep_until_step: int = 0, trackers=None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.history: list[dict] = []
         if self.path.exists():
@@ -61,24 +61,25 @@ class MetricsLog:
                 if row.get("step", 0) <= keep_until_step and keep_until_step > 0:
                     self.history.append(row)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        self.tensorboard = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-        except ImportError:
-            pass
+        self.trackers = trackers  # lorafit.train.trackers.Trackers
 
     def write(self, row: dict) -> None:
         self.history.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, row["step"])
+        if self.trackers is not None:
+            self.trackers.log(row["step"], row)
 
     @property
     def last_loss(self) -> float | None:
         losses = [r["loss"] for r in self.history if "loss" in r]
         return losses[-1] if losses else None
+
+
+def peak_cpu_memory_gb() -> float:
+    """Peak resident memory of this process so far (the CPU twin of torch.cuda.max_memory_allocated)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
