@@ -67,10 +67,13 @@ def main() -> None:
     parser.add_argument("--method", default="qlora")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs to CPU memory")
+    parser.add_argument("--mlp-chunk", type=int, default=0, help="tile the MLP over this many tokens")
     parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
     args = parser.parse_args()
 
     from lorafit.config import load_config
+    from lorafit.errors import LorafitError
     from lorafit.train.loop import train
     from lorafit.train.progress import Progress
 
@@ -87,7 +90,8 @@ def main() -> None:
         "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": False},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "eval": {"before_training": False},
         "output_dir": str(work / "run"), "max_steps": args.steps, "micro_batch_size": args.batch,
-        "learning_rate": 2e-4, "gradient_checkpointing": not args.no_checkpointing, "optimizer": "paged_adamw_8bit",
+        "learning_rate": 2e-4, "gradient_checkpointing": not args.no_checkpointing,
+        "offload_checkpoints": args.offload, "mlp_chunk_tokens": args.mlp_chunk, "optimizer": "paged_adamw_8bit",
         "warmup_ratio": 0.0,
     })
     status = "ok"
@@ -96,10 +100,11 @@ def main() -> None:
         history = [r for r in result.history if "tokens_per_s" in r]
         step_s = statistics.median([r["tokens"] / r["tokens_per_s"] for r in history[2:] or history])
         tok_s, loss = args.batch * args.seq / step_s, history[-1]["loss"]
-    except torch.OutOfMemoryError:
-        status, step_s, tok_s, loss = "out of memory", None, None, None
+    except (torch.OutOfMemoryError, LorafitError) as e:  # train() says so at micro-batch 1
+        status, step_s, tok_s, loss = f"out of memory ({str(e)[:60]})", None, None, None
     print("RESULT", json.dumps(dict(
-        cap_gb=args.cap_gb, stack="lorafit", method=args.method, model=args.model, seq=args.seq, bs=args.batch,
+        cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
+        model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),
         step_s=round(step_s, 3) if step_s else None, tok_s=round(tok_s) if tok_s else None,

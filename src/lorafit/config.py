@@ -125,6 +125,10 @@ class Config:
         "auto: paged 8-bit AdamW on GPU, AdamW on CPU", default="auto")
     gradient_checkpointing: bool = _help("recompute layer activations in backward: far less memory, ~30% slower",
                                          default=True)
+    offload_checkpoints: bool = _help("with gradient_checkpointing, keep each layer's saved input in pinned CPU "
+                                      "memory (copied on a side stream): long sequences fit", default=False)
+    mlp_chunk_tokens: int = _help("> 0: run each MLP over this many tokens at a time in training, keeping only its "
+                                  "input (long sequences; one extra MLP forward)", default=0)
     max_bad_steps: int = _help("stop after this many NaN/Inf steps in a row (each one is skipped)", default=5)
     seed: int = _help("seed for data order, adapter init and dropout", default=0)
     device: str = _help("auto, cpu, cuda or cuda:N", default="auto")

@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lorafit.kernels.fused import rms_norm, rope, swiglu
+from lorafit.model.offload import OffloadedCheckpoint, OffloadState, TiledMLP
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -142,7 +143,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
+        self.chunk_tokens = 0  # > 0: tiled over this many tokens in training (long sequences; model/offload.py)
+
     def forward(self, x):
+        if self.chunk_tokens and x.shape[0] * x.shape[1] > self.chunk_tokens and torch.is_grad_enabled():
+            return TiledMLP.apply(self, self.chunk_tokens, x)
+        return self.plain_forward(x)
+
+    def plain_forward(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -201,6 +209,7 @@ class CausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.offload_checkpoints = False  # with checkpointing: keep the saved layer inputs in CPU memory
 
     def forward(self, input_ids, position_ids=None, seq_ids=None, key_padding=None, cache: KVCache | None = None):
         """Final hidden states [B, T, H]; `logits(hidden)` turns them into scores (the loss never needs all)."""
@@ -212,9 +221,14 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         mask = build_mask(position_ids, seq_ids, key_padding, past, self.args.sliding_window)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        offload = OffloadState(x.device) if checkpoint and self.offload_checkpoints else None
+        if offload is not None and not x.requires_grad:
+            x = x.detach().requires_grad_(True)  # the reentrant form runs backward only for inputs that need grad
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.for_layer(i) if cache is not None else None
-            if checkpoint:
+            if offload is not None:
+                x = OffloadedCheckpoint.apply(layer, i, offload, x, cos, sin, mask)
+            elif checkpoint:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, layer_cache)
