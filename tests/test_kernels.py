@@ -58,7 +58,7 @@ def test_nf4_triton_equals_reference(shape, dtype):
     fast = dequantize_nf4_triton(*tensors, shape=shape, dtype=dtype)
     # fp32: the kernel's fused multiply-add may round once where PyTorch rounds twice
     torch.testing.assert_close(fast, dequantize_nf4_reference(*tensors, shape=shape, dtype=dtype),
-                               rtol=torch.finfo(dtype).eps, atol=0)
+                               rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -114,8 +114,8 @@ def test_compiled_elementwise_kernels_equal_eager():
     for reference, tensors, extra in cases:
         eager = _grads(lambda *t, reference=reference, extra=extra: reference(*t, *extra), *tensors)
         fast = _grads(lambda *t, reference=reference, extra=extra: fused._fast(reference)(*t, *extra), *tensors)
-        for a, b in zip(fast, eager):
-            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        for a, b in zip(fast, eager):  # Inductor keeps fp32 between ops where eager rounds to bf16
+            assert ((a - b).norm() / b.norm()).item() < 1e-2, reference.__name__
 
 
 @pytest.mark.gpu
