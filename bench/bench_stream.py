@@ -17,7 +17,8 @@ with the allocator capped as `lorafit train --gpu-memory` caps it, and prints `R
 - `copy_only`: every streamed layer copied back to back with no compute: the pinned host-to-device bandwidth.
 `--via-train DIR` writes the model once in the pre-quantized format (lorafit quantize's layout, ~40 GB for 70B)
 and runs lorafit's real `train()` on it with --gpu-memory, so the planner, the loader and the loop choose and do
-the streaming; it prints one `RESULT` line with the loop's tokens/s. 70B direct: about 2 minutes on an H100 host.
+the streaming; it prints one `RESULT` line with the loop's tokens/s. Expected: 70B direct about 2 minutes on an
+H100 host (build ~1 minute), --via-train 5-7 minutes (writing and reading ~40 GB).
 """
 
 from __future__ import annotations

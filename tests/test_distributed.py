@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,11 +91,16 @@ def runs(tmp_path_factory):
     write_chat_data(root / "train.jsonl", 40)
     write_chat_data(root / "val.jsonl", 6, seed=1)
     for method in ("lora", "qlora"):
-        train(load_config(overrides=settings(root, folder, method, f"single-{method}", 4)), Progress(quiet=True))
+        job = settings(root, folder, method, f"single-{method}", 4, save_every=SAVE_AT)
+        train(load_config(overrides=job), Progress(quiet=True))
     jobs = [settings(root, folder, method, f"{strategy}-{method}", 2, distributed=strategy, save_every=SAVE_AT)
             for strategy in ("ddp", "fsdp") for method in ("lora", "qlora")]
     # generation metrics too on one run: every rank decodes, and they must stop together
     jobs[-1]["eval"] = {"before_training": True, "metrics": ["exact_match"], "max_new_tokens": 4}
+    # and the other way round: a 1-process checkpoint continued by 2 processes (FSDP: whole states sharded on load)
+    checkpoint = root / "single-lora" / "checkpoints" / f"step-{SAVE_AT:06d}"
+    shutil.copytree(checkpoint, root / "resumed-on-2" / "checkpoints" / checkpoint.name)
+    jobs.append(settings(root, folder, "lora", "resumed-on-2", 2, distributed="fsdp", resume="auto"))
     torch.multiprocessing.spawn(_worker, args=(2, free_port(), jobs), nprocs=2)
     return root, folder
 
@@ -136,6 +142,17 @@ def test_fsdp_checkpoint_resumes_on_one_process(runs, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=RTOL, atol=ATOL)
 
 
+def test_one_process_checkpoint_resumes_on_two(runs):
+    root, _ = runs
+    losses, _, _ = history(root / "resumed-on-2")
+    ref_losses, _, _ = history(root / "single-lora")
+    assert len(losses) == STEPS - SAVE_AT  # only the checkpoint was copied, not the first run's metrics
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses[SAVE_AT:]), rtol=RTOL, atol=ATOL)
+    a, b = adapter(root / "resumed-on-2"), adapter(root / "single-lora")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=RTOL, atol=ATOL)
+
+
 def test_row_sharding_covers_the_global_batch_once():
     from lorafit.train.distributed import Dist
 
@@ -170,3 +187,37 @@ def test_gpus_flag_launches_two_cpu_processes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert all(r["tokens"] > 0 for r in rows if "loss" in r)
+
+
+def test_planner_per_gpu_memory_under_sharding():
+    from lorafit.plan.memory import Run, estimate
+    from lorafit.plan.presets import resolve_card, shape_from_preset
+    from lorafit.plan.shard import choose, make_shard_plan, parts, shard_estimate
+
+    card, run = resolve_card("24GB"), Run("qlora", 2048, 1, True)
+    big, small = shape_from_preset("qwen2.5-32b"), shape_from_preset("qwen2.5-7b")
+    # data parallel holds the whole model: one GPU's peak plus the gradient bucket at the optimizer step
+    one = estimate(small, run, card)
+    ddp = shard_estimate(small, run, card, 2, "ddp")
+    assert ddp.moments["loss"] == one.moments["loss"] and ddp.moments["optimizer"] > one.moments["optimizer"]
+    # FSDP: 32B NF4 (15 GiB of codes) does not fit a 24 GB card whole, but does at 1/2 per GPU, less at 1/4
+    assert choose(big, run, card, 2)[0] == "fsdp" and choose(small, run, card, 2)[0] == "ddp"
+    two, four = (make_shard_plan(big, run, card, n, "fsdp") for n in (2, 4))
+    assert two.fits and not make_shard_plan(big, run, card, 2, "ddp").fits
+    assert four.lorafit.allocated < two.lorafit.allocated
+    # what 2 -> 4 GPUs saves is a quarter of the sharded state (decoder layers, LoRA, AdamW) and of the root shard
+    p = parts(big, replace(run, optimizer="adamw"))  # FSDP steps with torch AdamW
+    saved = (big.layers * p.layer_sharded + p.lora + p.optimizer + p.root) // 4
+    assert abs((two.lorafit.moments["loss"] - four.lorafit.moments["loss"]) - saved) < 2**20
+
+
+def test_plan_command_with_gpus():
+    from rich.console import Console
+
+    from lorafit.plan import plan_command
+
+    console = Console(record=True, width=160)
+    out = plan_command("qwen2.5-32b", gpu="24GB", gpus=2, console=console)
+    text = console.export_text()
+    assert out["strategy"] == "fsdp" and out["per_gpu"]["fsdp"]["fits"] and not out["per_gpu"]["ddp"]["fits"]
+    assert "per GPU, 2 GPUs, FSDP2" in text and "two decoder layers all-gathered" in text

@@ -30,10 +30,12 @@ def nf4_modules(layer):
 
 
 def train_steps(model, checkpointing, steps=2, micro=2, after_micro=None, device="cpu", seq=13):
-    """Two optimizer steps of two micro-batches each; losses and LoRA gradients of every step."""
+    """Two optimizer steps of two micro-batches each; losses and LoRA gradients of every step. `checkpointing`:
+    True, False or "offload" (model/offload.py's checkpointing with the saved inputs in CPU memory)."""
     torch.manual_seed(0)
     apply_lora(model, LoraConfig(r=4, alpha=8))
-    model.gradient_checkpointing = checkpointing
+    model.gradient_checkpointing = bool(checkpointing)
+    model.offload_checkpoints = checkpointing == "offload"
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
@@ -57,7 +59,7 @@ def train_steps(model, checkpointing, steps=2, micro=2, after_micro=None, device
     return losses, grads
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("checkpointing", [True, False, "offload"])
 def test_streamed_training_equals_resident(tmp_path, checkpointing):
     folder, _ = make_tiny_checkpoint(tmp_path, "qwen2", num_hidden_layers=LAYERS)  # qwen2: biases stay resident
     resident = load_model(str(folder), quantize=True).model
@@ -142,8 +144,8 @@ def test_planner_streams_70b_on_24gb_but_not_on_80gb():
     big = plan_command("llama3.1-70b", "qlora", seq=2048, batch=1, gpu="h100")
     assert big["fits"] and big["stream"] is None
 
-    cfg = load_config(overrides={"model": {"path": "llama3.1-70b"}, "data": {"train": "x.jsonl", "max_length": 2048},
-                                 "micro_batch_size": 1})
+    cfg = load_config(overrides={"model": {"path": "llama3.1-70b"}, "micro_batch_size": 1,
+                                 "data": {"train": "x.jsonl", "max_length": 2048, "packing": False}})
     overrides = fit_to_budget(cfg, budget_bytes("24GB"))
     assert overrides["model"] == {"stream_layers": "on", "resident_layers": stream["resident_layers"]}
     assert "model" not in fit_to_budget(cfg, budget_bytes("80GB"))
@@ -155,7 +157,7 @@ def test_planner_streams_70b_on_24gb_but_not_on_80gb():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("checkpointing", [True, False, "offload"])
 def test_streamed_training_equals_resident_on_cuda(tmp_path, checkpointing):
     """Copies on the side stream, overlapped with compute: layers large enough (16M weights) that a missing wait
     would compute with a half-copied or already overwritten slot. Equal within flash attention's nondeterminism."""

@@ -40,7 +40,7 @@ def train(ctx: typer.Context, config: str = typer.Argument(None, help="YAML conf
         config, overrides = None, [config, *overrides]
     cfg = load_config(config, overrides)  # a bad config stops here, before any process starts
     if gpus > 1 and not distributed.launched():
-        raise typer.Exit(distributed.launch(gpus, ([config] if config else []) + overrides, cfg.device))
+        sys.exit(distributed.launch(gpus, ([config] if config else []) + overrides, cfg.device))
     result = run_training(cfg)
     if distributed.env_rank() == 0:
         typer.echo(f"adapter: {result.artifact_dir}\nrun record: {result.output_dir / 'run.json'}")
@@ -73,7 +73,10 @@ def plan(model: str = typer.Option("qwen2.5-7b", help="preset name (lorafit plan
          checkpointing: bool = typer.Option(True, help="gradient checkpointing"),
          grad_accum: int = typer.Option(1), lora_r: int = typer.Option(16), packed: bool = typer.Option(False),
          stream: str = typer.Option("auto", help="QLoRA layer streaming from CPU memory: auto (when nothing fits "
-                                                 "resident), on or off")):
+                                                 "resident), on or off"),
+         gpus: int = typer.Option(1, help="GPUs the run is spread over: the table is then per GPU, BATCH per GPU"),
+         strategy: str = typer.Option("auto", help="with --gpus: ddp (whole model on each GPU), fsdp (sharded) or "
+                                                   "auto (ddp when it fits)")):
     """Where the GPU memory of a run goes, whether it fits the card, and the fastest settings that do.
 
     Example: lorafit plan --model qwen2.5-7b --seq 2048 --batch 4 --gpu rtx4090
@@ -81,7 +84,7 @@ def plan(model: str = typer.Option("qwen2.5-7b", help="preset name (lorafit plan
     from lorafit.plan import plan_command
 
     plan_command(model=model, method=method, seq=seq, batch=batch, gpu=gpu, fits=fits, checkpointing=checkpointing,
-                 grad_accum=grad_accum, lora_r=lora_r, packed=packed, stream=stream)
+                 grad_accum=grad_accum, lora_r=lora_r, packed=packed, stream=stream, gpus=gpus, strategy=strategy)
 
 
 @app.command("eval")

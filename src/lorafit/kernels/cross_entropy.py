@@ -67,6 +67,8 @@ def _build_kernel():
 
 def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     global _kernel
+    if logits.is_meta:  # the planner's trace: what the CUDA kernel allocates, the per-row loss (logits in place)
+        return torch.empty(logits.shape[0], dtype=torch.float32, device="meta")
     if not logits.is_cuda or FORCE_REFERENCE:
         return cross_entropy_grad_reference(logits, targets)
     if _kernel is None:
@@ -100,5 +102,6 @@ class LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              chunk_tokens: int) -> torch.Tensor:
     """Summed cross-entropy of (hidden W^T) against targets, the head frozen; gradient flows to `hidden` only."""
-    with torch.autocast(hidden.device.type, enabled=False):
+    device = hidden.device.type if torch.amp.is_autocast_available(hidden.device.type) else "cpu"  # meta: the trace
+    with torch.autocast(device, enabled=False):
         return LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)

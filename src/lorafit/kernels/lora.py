@@ -98,9 +98,10 @@ class LoRAFunction(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, x_lora: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 base: torch.nn.Module, scaling: float) -> torch.Tensor:
     """base(x) + scaling * x_lora A^T B^T, computed in x's dtype (cast first, as autocast would)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    device = x.device.type if torch.amp.is_autocast_available(x.device.type) else "cpu"  # meta: the planner's trace
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
         x, x_lora = x.to(dtype), (x_lora.to(dtype) if x_lora is not x else None)
         x_lora = x if x_lora is None else x_lora
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(device, enabled=False):
         return LoRAFunction.apply(x, x_lora, lora_a, lora_b, base, scaling)

@@ -26,6 +26,7 @@ host and device are both the CPU and the copies are synchronous, but the schedul
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -57,16 +58,12 @@ def _pinned(nbytes: int) -> torch.Tensor:
     taken from PyTorch's pinned allocator, which rounds every block up to a power of two (a 70B layer's 421 MiB
     would take 512 MiB)."""
     buffer = torch.empty(nbytes, dtype=torch.uint8)
-    if torch.cuda.is_available() and nbytes:
-        import weakref
-
-        from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
-
-        try:
-            pin_memory(buffer.data_ptr(), nbytes)
-            weakref.finalize(buffer, unpin_memory, buffer.data_ptr())
-        except (RuntimeError, AttributeError):  # no cudaHostRegister: PyTorch's pinned allocator instead
-            buffer = buffer.pin_memory()
+    if not torch.cuda.is_available() or not nbytes:
+        return buffer
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)) != 0:  # 0: cudaSuccess
+        return buffer.pin_memory()
+    weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
     return buffer
 
 

@@ -6,8 +6,9 @@
 
 `memory` (lorafit's own step), `allocator` (what the caching allocator reserves around it), `recipe` (the usual
 transformers + PEFT + bitsandbytes recipe, for comparison), `fit` (verdicts and setting search), `report` (tables),
-`presets` (model shapes and cards, from the YAML facts in presets/), `trace` (the check: lorafit's real code run on
-the meta device, and a replay of the CUDA caching allocator).
+`stream` (layer streaming: resident layers, PCIe traffic and step time), `presets` (model shapes and cards, from the
+YAML facts in presets/), `trace` (the check: lorafit's real code run on the meta device, and a replay of the CUDA
+caching allocator).
 """
 
 from lorafit.plan.fit import fit_to_budget, make_plan

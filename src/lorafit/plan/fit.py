@@ -137,8 +137,10 @@ def fit_to_budget(cfg, budget_bytes: int) -> dict:
                     "gradient_checkpointing": picked.run.checkpointing,
                     "model": {"stream_layers": "on", "resident_layers": timing.resident}}
         if stream == "on":
-            raise PlanError(f"{shape.name} does not fit {card.name} even with every decoder layer streamed at "
-                            f"{run.seq} tokens per row; shorten data.max_length")
+            fixed = cfg.model.resident_layers
+            how = "every layer streamed" if fixed is None else f"{fixed} layers resident (model.resident_layers)"
+            raise PlanError(f"{shape.name} does not fit {card.name} at {run.seq} tokens per row with {how}; "
+                            "shorten data.max_length")
     seq = run.seq
     if choice is None:
         seq = longest_seq(shape, replace(run, batch=1), card, limit=run.seq)

@@ -1,22 +1,27 @@
 """Peak GPU memory of one lorafit training step, as plain arithmetic over the model's shapes.
 
-Everything here models lorafit's own path: `model/load.py` + `model/quantize.py` (NF4 through bitsandbytes,
-blocksize 64, double quantization), `model/lora.py` (fp32 A/B, bf16 update), `model/llama.py` (sdpa, one
-torch.utils.checkpoint per decoder layer), `train/loss.py` (1024-token chunks of fp32 logits, recomputed in
-backward) and `train/loop.py` (bf16 weights on GPU, paged AdamW 8-bit). Sizes are in bytes, each tensor rounded up
-to the caching allocator's 512-byte block, so `allocated` predicts torch.cuda.max_memory_allocated.
+Everything here models lorafit's own CUDA path: `model/load.py` + `model/quantize.py` (NF4 quantized by
+bitsandbytes, blocksize 64, double quantization, kept as plain tensors), `kernels/lora.py` (one autograd Function
+per adapted linear: the frozen weight dequantized by `kernels/nf4.py` in forward and again in backward, bf16 casts
+of the fp32 A/B cached for the optimizer step), `kernels/fused.py` (RMSNorm, RoPE, SwiGLU compiled by Inductor),
+`model/llama.py` (flash sdpa, one torch.utils.checkpoint per decoder layer), `train/loss.py` +
+`kernels/cross_entropy.py` (a frozen head's loss gradient computed in the forward pass, 1024-token chunks of bf16
+logits overwritten by their gradient) and `train/loop.py` (bf16 weights on GPU, paged AdamW 8-bit). Sizes are in
+bytes, each tensor rounded up to the caching allocator's 512-byte block, so `allocated` predicts
+torch.cuda.max_memory_allocated.
 
 The step's peak is at one of a few moments, and `estimate` returns the largest:
-- `loss`: backward of the first loss chunk (log-softmax output, its gradient and the log-softmax backward output,
-  three fp32 [chunk, vocab] tensors at once) on top of everything the forward left alive;
+- `loss`: the LM head's forward, one chunk of logits alive next to the gathered target states and their gradient,
+  on top of everything the forward left alive (full fine-tuning: backward of the first recomputed loss chunk,
+  three fp32 [chunk, vocab] tensors);
 - `layer`: backward of the last decoder layer, where the checkpointed layer has been recomputed and the MLP's
   gradients are being formed (with checkpointing, the saved layer inputs of every layer are alive);
 - `optimizer`: clip + optimizer step, with every LoRA gradient alive.
-`plan.trace` runs lorafit's real model and loss code on the meta device to check these formulas tensor by tensor.
-Full fine-tuning (fp32 master weights under bf16 autocast) is modelled from the same reading but is approximate:
-autocast does not run on meta, so it is neither traced nor yet measured.
+`plan.trace` runs lorafit's real model and loss code on the meta device, with stand-ins that allocate and save
+what the CUDA kernels do, to check these formulas tensor by tensor. Full fine-tuning (fp32 master weights under
+bf16 autocast) is modelled from the same reading but is approximate: autocast does not run on meta, so it is
+neither traced nor yet measured.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -199,25 +204,32 @@ def optimizer_bytes(tensors: list[int], optimizer: str) -> tuple[int, int]:
 
 def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, list[int]]:
     """Bytes per token of each tensor one decoder layer keeps for its backward (what a checkpointed layer
-    recomputes), grouped for the table.
+    recomputes), grouped for the table; the first entry is the layer input.
 
-    RMSNorm saves its fp32 input copy (4H) and the 1/rms scalar; the normed bf16 output (2H) is saved by the
-    projections' LoRA path (x @ A^T needs x for A's gradient). After rope, q and k are new tensors saved by
-    attention, v is saved as projected; flash attention (no mask) also saves its output and an fp32 log-sum-exp
-    per head, and never a T x T matrix. Each LoRA saves its rank-r middle (x A^T). The MLP saves gate and up
-    outputs, silu(gate) and the product fed to down_proj: four [tokens, I] tensors. The bf16 layer input and the
-    mid-layer residual are saved by nobody (norms keep their own fp32 copies).
+    The compiled RMSNorm saves its input as it is and an fp32 1/rms per token (no fp32 copy: listed by
+    saved_tensors_hooks around the compiled function), so the layer input x and the mid-layer residual h are saved
+    by the norms. The norms' outputs are saved by the projections' LoRA (A's gradient needs the input; the frozen
+    path shares it). The compiled RoPE saves only cos/sin, so q and k after rope are new tensors, saved by flash
+    attention with v as projected, its output and an fp32 log-sum-exp per head (never a T x T matrix). Each LoRA
+    saves its rank-r middle (x A^T). The compiled SwiGLU saves gate and up (silu is recomputed in backward) and
+    down_proj's LoRA saves the product: three [tokens, I] tensors. Qwen3's q/k norms save q and k as projected.
+    Full fine-tuning (approximate): x and h are fp32, and autocast saves one bf16 cast of the norm output per
+    projection (q, k, v; gate, up) instead of the shared output.
     """
-    H, inter = shape.hidden, shape.intermediate
+    H, inter, res = shape.hidden, shape.intermediate, 4 if run.method == "full" else act
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lora = sum(1 for name, *_ in shape.linears() if name in run.lora_targets) if run.method != "full" else 0
-    qk_norm = 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads) if shape.qk_norm else 0  # Qwen3: fp32 q/k copies
-    return {
-        "norm inputs (fp32) and outputs": [4 * H, 4, act * H] * 2 + ([qk_norm] if qk_norm else []),
+    outputs = [act * H] * (5 if run.method == "full" else 2)
+    saved = {
+        "layer input and mid residual (saved by the norms), 1/rms": [res * H, res * H, 4, 4],
+        "norm outputs (saved by the projections)": outputs,
         "attention q, k, v, output, log-sum-exp": [act * q, act * kv, act * kv, act * q, 4 * shape.heads],
         "LoRA middles (x A^T)": [act * run.lora_r] * lora,
-        "MLP gate, up, silu, product": [act * inter] * 4,
+        "MLP gate, up, product": [act * inter] * 3,
     }
+    if shape.qk_norm:
+        saved["q/k norm inputs and 1/rms"] = [act * q, act * kv, 4 * shape.heads, 4 * shape.kv_heads]
+    return saved
 
 
 def saved_bytes(saved: dict[str, list[int]], tokens: int) -> int:
@@ -225,12 +237,14 @@ def saved_bytes(saved: dict[str, list[int]], tokens: int) -> int:
     return sum(blk(per_token * tokens) for sizes in saved.values() for per_token in sizes)
 
 
-def lora_casts_per_layer(shape: Shape, run: Run, act: int) -> int:
-    """LoRALinear casts A and B to the activation dtype on every call; matmul saves both casts for backward."""
+def lora_casts(shape: Shape, run: Run, act: int) -> int:
+    """Bytes of the bf16 casts of every LoRA A and B: `kernels.lora.cast_cached` keeps one per parameter from the
+    first forward on (made again after each optimizer step), shared by forward, recomputation and backward."""
     if run.method == "full":
         return 0
-    r = run.lora_r
-    return sum(blk(act * r * i) + blk(act * r * o) for name, i, o, _ in shape.linears() if name in run.lora_targets)
+    r, targets = run.lora_r, run.lora_targets
+    per_layer = sum(blk(act * r * i) + blk(act * r * o) for name, i, o, _ in shape.linears() if name in targets)
+    return shape.layers * per_layer
 
 
 def attention_scores_per_token(shape: Shape, run: Run, act: int) -> int:
@@ -264,6 +278,8 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     if not full:
         persistent.append(Line("trainable", f"LoRA A/B (r={run.lora_r}), fp32", p_bytes,
                                f"{sum(tensors):,} parameters x 4 bytes"))
+        persistent.append(Line("trainable", "LoRA A/B bf16 casts", lora_casts(shape, run, act),
+                               "cast once per optimizer step, kept for forward, recomputation and backward"))
     persistent.append(Line("trainable", "optimizer states in the allocator", opt_in, "8-bit states of small tensors, "
                                                                                       "absmax; paged ones below"))
     persistent.append(Line("runtime", "cuBLAS workspaces", ws, "one per thread (forward, autograd backward)"))
@@ -275,56 +291,60 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
         saved["attention scores (math sdpa, packed rows)"] = [scores]
     saved_tok = sum(sum(v) for v in saved.values())
     saved_layer = saved_bytes(saved, M)
-    casts = lora_casts_per_layer(shape, run, act)
+    layer_input = blk(res * H * M)
     rope = 2 * blk(act * M * shape.head_dim)  # cos and sin [B, T, head_dim], shared by every layer
     batch_ints = 3 * blk(8 * M)  # input ids, labels, positions (int64)
     common = [Line("activations", "rope cos/sin, token ids, labels, positions", rope + batch_ints, ""),
               Line("activations", "final hidden state (the loop holds it)", blk(act * H * M), "")]
     if run.checkpointing:
-        common.insert(0, Line("activations", f"checkpointed layer inputs ({L} layers)", L * blk(res * H * M),
+        common.insert(0, Line("activations", f"checkpointed layer inputs ({L} layers)", L * layer_input,
                               f"{res} x hidden bytes per token per layer"))
     else:
         # the first layer's input norm saves nothing: with a frozen embedding its input needs no gradient
-        first = 0 if full else blk(4 * H * M) + blk(4 * M)
+        first = 0 if full else layer_input + blk(4 * M)
         common.insert(0, Line("activations", f"saved activations ({L} layers, no checkpointing)",
-                              L * (saved_layer + casts) - first, f"{saved_tok:,} bytes per token per layer"))
+                              L * saved_layer - first, f"{saved_tok:,} bytes per token per layer"))
     if full and not run.checkpointing:  # autocast's bf16 weight copies, saved by every linear for its backward
         common.append(Line("activations", "bf16 casts of every linear weight (autocast)",
                            L * sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
-    common_bytes = sum(x.bytes for x in common)
-
-    # moment 1: backward of the first loss chunk
-    C = min(N, LOSS_CHUNK_TOKENS)
-    chunks = -(-N // LOSS_CHUNK_TOKENS)
-    loss_lines = [Line("loss", "final norm fp32 input", blk(4 * H * M) + blk(4 * M), "saved by the final RMSNorm"),
-                  Line("loss", f"fp32 logits: 3 x [{C}, {V}]", 3 * blk(4 * C * V),
-                       "log-softmax output, its gradient, and log-softmax backward's output")]
-    loss_lines.append(Line("loss", "target ids and gather indices (int64)", blk(16 * N) + blk(8 * N),
-                           "the boolean gather's [targets, 2] indices, saved for its backward"))
-    if chunks > 1:
-        loss_lines.append(Line("loss", "gathered target states + their gradient", 2 * blk(act * H * N),
-                               "kept for the chunk recomputes; gradient accumulated over chunks"))
-    if full:
-        loss_lines.append(Line("loss", "LM head weight gradient + bf16 cast", blk(4 * V * H) + blk(2 * V * H), ""))
     grads = sum(blk(4 * n) for n in tensors)
     if run.grad_accum > 1:  # the earlier micro-batches' gradients wait for the optimizer step
         common.append(Line("trainable", "gradients of earlier micro-batches (fp32)", grads, "accumulation"))
-        common_bytes += grads
+    common_bytes = sum(x.bytes for x in common)
+
+    # moment 1: the LM head and loss
+    C = min(N, LOSS_CHUNK_TOKENS)
+    chunks = -(-N // LOSS_CHUNK_TOKENS)
+    loss_lines = [Line("loss", "final norm input and 1/rms", layer_input + blk(4 * M), "saved by the final RMSNorm")]
+    if full:  # the head is trained: chunks of fp32 logits, recomputed in backward (train/loss.py)
+        loss_lines += [Line("loss", f"fp32 logits: 3 x [{C}, {V}]", 3 * blk(4 * C * V),
+                            "log-softmax output, its gradient, and log-softmax backward's output"),
+                       Line("loss", "LM head weight gradient + bf16 cast", blk(4 * V * H) + blk(2 * V * H), "")]
+        if chunks > 1:
+            loss_lines.append(Line("loss", "gathered target states + their gradient", 2 * blk(act * H * N),
+                                   "kept for the chunk recomputes; gradient accumulated over chunks"))
+    else:  # frozen head: kernels/cross_entropy.py, the gradient computed chunk by chunk in the forward pass
+        loss_lines += [Line("loss", f"bf16 logits: [{C}, {V}]", blk(act * C * V),
+                            "overwritten in place by softmax - onehot, then multiplied into the state gradient"),
+                       Line("loss", "gathered target states + their gradient", 2 * blk(act * H * N),
+                            "the gradient is filled chunk by chunk and kept for backward")]
+    loss_lines.append(Line("loss", "target mask, target ids, chunk loss", blk(run.batch * (run.seq - 1))
+                           + blk(8 * N) + blk(4 * C) + 2 * blk(4), "bool mask saved by the gather; int64; fp32"))
     loss_peak = base + common_bytes + sum(x.bytes for x in loss_lines)
 
-    # moment 2: backward of the last decoder layer
-    mlp = act * inter * M
+    # moment 2: backward of the last decoder layer, at the MLP. The compiled SwiGLU's backward allocates the gate and
+    # up gradients while gate, up and the product's gradient are alive (down_proj's saved product and LoRA middle are
+    # freed): +2 [tokens, I] over the saved set. Earlier, down_proj's input gradient is formed against its
+    # dequantized weight (+1 and W), which is larger only when tokens < hidden.
+    mlp = blk(act * inter * M)
     wq = blk(2 * H * inter) if run.method == "qlora" else 0  # dequantized down_proj (the kernel allocates no more)
-    # down_proj's input gradient is two matmuls (base, LoRA) and their sum: three [tokens, I] tensors while gate, up
-    # and silu are still saved and the product is freed (+2 over the saved set); before that, the first matmul runs
-    # against the dequantized weight (+1 and W)
-    layer_extra = max(2 * mlp, mlp + wq)
+    layer_extra = max(2 * mlp - (blk(act * run.lora_r * M) if not full else 0), mlp + wq)
     if run.packed and shape.kv_heads != shape.heads:  # math attention's backward: scores gradient + softmax backward
         layer_extra = max(layer_extra, 2 * blk(act * shape.heads * run.seq * M))
-    layer_lines = [Line("activations", "recomputed last layer (saved for backward)", saved_layer + casts,
+    layer_lines = [Line("activations", "recomputed last layer (saved for backward)", saved_layer - layer_input,
                         ", ".join(f"{k} {sum(v):,}" for k, v in saved.items()) + " bytes per token"),
                    Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),
-                        layer_extra, "down_proj's input gradient (two matmuls and their sum) while gate/up/silu live"),
+                        layer_extra, "SwiGLU's backward: product, gate and up gradients while gate and up live"),
                    Line("activations", "gradient flowing back", blk(res * H * M), "")]
     if not run.checkpointing:
         layer_lines = layer_lines[1:]
@@ -333,9 +353,10 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
                                 sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
     layer_peak = base + common_bytes + sum(x.bytes for x in layer_lines)
 
-    # moment 3: optimizer step: every gradient alive
+    # moment 3: optimizer step: every gradient alive, and the last micro-batch's hidden state and token ids
     opt_lines = [Line("trainable", "gradients (fp32)", grads, ""),
-                 Line("trainable", "optimizer step temporaries", 2 * grads if run.optimizer == "adamw" else 0, "")]
+                 Line("trainable", "optimizer step temporaries", 2 * grads if run.optimizer == "adamw" else 0, ""),
+                 Line("activations", "final hidden state, token ids", blk(act * H * M) + batch_ints, "")]
     opt_peak = base + sum(x.bytes for x in opt_lines)
 
     moments = {"loss": loss_peak, "layer": layer_peak, "optimizer": opt_peak}

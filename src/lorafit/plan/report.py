@@ -64,13 +64,15 @@ def _verdict(plan: Plan) -> str:
 
 def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 2048, batch: int = 1,
                  gpu: str = "24GB", fits: bool = False, checkpointing: bool = True, grad_accum: int = 1,
-                 lora_r: int = 16, packed: bool = False, stream: str = "auto", console=None) -> dict:
+                 lora_r: int = 16, packed: bool = False, stream: str = "auto", gpus: int = 1, strategy: str = "auto",
+                 console=None) -> dict:
     """Print the memory plan of one run on one card (or, with fits=True, the table over every preset) and return it.
 
     The returned dict holds bytes: allocated, reserved, needed, card budget, the recipe's numbers when it applies,
     and the fastest settings that fit (micro_batch_size, grad_accum, gradient_checkpointing, max_length). A QLoRA
     run that fits no setting resident (or any, with stream="on") gets a layer-streaming plan under "stream"
-    (plan/stream.py: resident layers, bytes streamed per step, predicted step time); "off" never streams.
+    (plan/stream.py: resident layers, bytes streamed per step, predicted step time); "off" never streams. With
+    gpus > 1 the table is per GPU (plan/shard.py: data parallel or FSDP2, `strategy` auto picks as training does).
     """
     console = _console(console)
     card = resolve_card(gpu)
@@ -78,6 +80,10 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
         return fits_command(card, console)
     shape = resolve_model(model)
     run = Run(method, seq, batch, checkpointing, grad_accum, lora_r, ALL_LINEAR, packed)
+    if gpus > 1:
+        from lorafit.plan.shard import shard_command
+
+        return shard_command(shape, run, card, gpus, strategy, console)
     plan = make_plan(shape, run, card)
     console.print(plan_table(plan))
     if method == "full":
@@ -111,7 +117,8 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
         max_length = longest_seq(shape, replace(run, batch=1), card, limit=seq)
         choice = fastest(shape, replace(run, seq=max_length), card, batch * grad_accum) if max_length else None
     if choice is None:
-        console.print(f"[red]nothing fits {card.name}[/red]: try a smaller model or --method qlora")
+        hint = "--stream auto" if method == "qlora" else "--method qlora"
+        console.print(f"[red]nothing fits {card.name}[/red]: try a smaller model or {hint}")
         out["fastest"] = None
         return out
     c = choice.run

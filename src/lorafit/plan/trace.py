@@ -18,6 +18,7 @@ peaks the GPU would report. Slow-ish (seconds per configuration); the arithmetic
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import weakref
 from dataclasses import dataclass, field
@@ -94,8 +95,103 @@ class FlashAttention(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+class RMSNorm(torch.autograd.Function):
+    """Inductor's compiled `rms_norm`: saves its input as it is and an fp32 1/rms per row (no fp32 copy of the
+    input); backward allocates the input gradient and an fp32 per-row sum."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        rows = torch.empty_like(rstd)
+        gx, gw = (torch.empty_like(t) if need else None for t, need in zip((x, weight), ctx.needs_input_grad))
+        del rows
+        return gx, gw, None
+
+
+class RoPE(torch.autograd.Function):
+    """Inductor's compiled `rope`: outputs in the inputs' layout, saves only cos and sin (shared by every layer);
+    backward allocates contiguous [B, heads, T, d] gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.shapes = q.shape, k.shape
+        return torch.empty_like(q), torch.empty_like(k)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        return (*(torch.empty(s, dtype=gq.dtype, device=gq.device) for s in ctx.shapes), None, None)
+
+
+class SwiGLU(torch.autograd.Function):
+    """Inductor's compiled `swiglu`: saves gate and up (silu(gate) is recomputed in backward)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.empty_like(gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.empty_like(gate), torch.empty_like(up)
+
+
+class Gather(torch.autograd.Function):
+    """`hidden[:, :-1][keep]` (train.loss) for `n` targets: meta cannot count the mask's true entries. Indexing turns
+    the mask into [n, 2] int64 indices (nonzero) and saves the mask; backward scatters into zeros of the input's
+    shape, sorting the indices (three [n] int64 work tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, n):
+        work = torch.empty(n, 2, dtype=torch.long, device=x.device)
+        ctx.save_for_backward(keep)
+        ctx.shape, ctx.n = x.shape, n
+        del work
+        return torch.empty(n, *x.shape[keep.dim():], dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_zeros(ctx.shape)
+        work = [torch.empty(ctx.n, 2, dtype=torch.long, device=grad.device)]
+        work += [torch.empty(ctx.n, dtype=torch.long, device=grad.device) for _ in range(3)]
+        del work
+        return out, None, None
+
+
 def _sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **_):
     return FlashAttention.apply(q, k, v)
+
+
+STAND_INS = {"scaled_dot_product_attention": _sdpa, "rms_norm": RMSNorm.apply, "rope": RoPE.apply,
+             "swiglu": SwiGLU.apply}
+
+
+@contextlib.contextmanager
+def cuda_kernels():
+    """lorafit's model code with the CUDA kernels' allocations: the stand-ins above for flash attention and the
+    compiled RMSNorm, RoPE and SwiGLU (`kernels.nf4` and `kernels.cross_entropy` model their CUDA kernels on meta
+    themselves), and checkpointing without the RNG state (meta has none)."""
+    from lorafit.model import llama
+
+    saved = {name: getattr(llama, name) for name in ("rms_norm", "rope", "swiglu")}
+    sdpa, checkpoint = llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint
+    try:
+        for name in saved:
+            setattr(llama, name, STAND_INS[name])
+        llama.F.scaled_dot_product_attention = _sdpa
+        torch.utils.checkpoint.checkpoint = functools.partial(checkpoint, preserve_rng_state=False)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(llama, name, fn)
+        llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint = sdpa, checkpoint
 
 
 def _nf4(lin: torch.nn.Module):
@@ -133,16 +229,21 @@ def meta_model(shape: Shape, run: Run):
     return model
 
 
-def _loss_sum(model, hidden, labels):
-    """train.loss.target_loss_sum with every label kept: meta cannot boolean-index, so the gather is a copy."""
-    from lorafit.train.loss import _chunk_loss_sum
+def _loss_sum(model, hidden, labels, n: int):
+    """train.loss.target_loss_sum for `n` targets, with the boolean gathers stood in for (`Gather`)."""
+    from lorafit.data.example import IGNORE_INDEX
+    from lorafit.train.loss import _chunk_loss_sum, linear_cross_entropy_sum
 
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).clone()
-    targets = labels[:, 1:].reshape(-1)
-    total, count = hidden.new_zeros((), dtype=torch.float32), targets.numel()
-    for s in range(0, count, LOSS_CHUNK_TOKENS):
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden = Gather.apply(hidden[:, :-1], keep, n)
+    targets = Gather.apply(targets, keep, n)
+    if not model.lm_head.weight.requires_grad:  # LoRA, QLoRA: the gradient computed in the forward pass
+        return linear_cross_entropy_sum(hidden, model.lm_head.weight, targets, LOSS_CHUNK_TOKENS)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, LOSS_CHUNK_TOKENS):
         h, t = hidden[s:s + LOSS_CHUNK_TOKENS], targets[s:s + LOSS_CHUNK_TOKENS]
-        if count > LOSS_CHUNK_TOKENS:
+        if n > LOSS_CHUNK_TOKENS:
             total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, model.lm_head, h, t, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(model.lm_head, h, t)
@@ -187,38 +288,33 @@ def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
     tracker = LiveBytes()
     for p in model.parameters():  # known storages: loading already counted them
         tracker.seen[p.untyped_storage()] = -1
-    from lorafit.model import llama
+    from lorafit.kernels import lora
 
-    sdpa, checkpoint = llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint
-    llama.F.scaled_dot_product_attention = _sdpa
-    torch.utils.checkpoint.checkpoint = functools.partial(checkpoint, preserve_rng_state=False)
     states: list[torch.Tensor] = []
-    try:
-        with tracker:
-            for step in range(steps):
-                B, T = run.batch, run.seq
-                ids = torch.zeros(B, T, dtype=torch.long, device="meta")
-                labels = torch.zeros(B, T, dtype=torch.long, device="meta")
-                pos = torch.arange(T, device="meta").expand(B, T).contiguous()  # collate makes [B, T] positions
-                hidden = model(ids, position_ids=pos)
-                (_loss_sum(model, hidden, labels) / 100).backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                if step == 0:  # bitsandbytes' 8-bit AdamW states, made at the first step (and its two maps)
-                    if run.optimizer != "adamw" and any(p.numel() >= MIN_8BIT_NUMEL for p in trainable):
-                        states += [torch.zeros(256, device="meta") for _ in range(2)]
-                    for p in trainable:
-                        n = p.numel()
-                        fp32 = n < MIN_8BIT_NUMEL or run.optimizer == "adamw"
-                        if fp32 or run.optimizer != "paged_adamw_8bit" or n < PAGED_MIN_NUMEL:
-                            states += [torch.zeros_like(p, dtype=torch.float32 if fp32 else torch.uint8)
-                                       for _ in range(2)]
-                        if not fp32:
-                            states += [torch.zeros(-(-n // 256), device="meta") for _ in range(2)]
+    with cuda_kernels(), tracker:
+        for step in range(steps):
+            B, T = run.batch, run.seq
+            ids = torch.zeros(B, T, dtype=torch.long, device="meta")
+            labels = torch.zeros(B, T, dtype=torch.long, device="meta")
+            pos = torch.arange(T, device="meta").expand(B, T).contiguous()  # collate makes [B, T] positions
+            hidden = model(ids, position_ids=pos)
+            (_loss_sum(model, hidden, labels, run.target_tokens) / 100).backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            if step == 0:  # bitsandbytes' 8-bit AdamW states, made at the first step (and its two maps)
+                if run.optimizer != "adamw" and any(p.numel() >= MIN_8BIT_NUMEL for p in trainable):
+                    states += [torch.zeros(256, device="meta") for _ in range(2)]
                 for p in trainable:
-                    p.grad = None
-                del hidden
-    finally:
-        llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint = sdpa, checkpoint
+                    n = p.numel()
+                    fp32 = n < MIN_8BIT_NUMEL or run.optimizer == "adamw"
+                    if fp32 or run.optimizer != "paged_adamw_8bit" or n < PAGED_MIN_NUMEL:
+                        states += [torch.zeros_like(p, dtype=torch.float32 if fp32 else torch.uint8)
+                                   for _ in range(2)]
+                    if not fp32:
+                        states += [torch.zeros(-(-n // 256), device="meta") for _ in range(2)]
+            lora._count_optimizer_step()  # what optimizer.step() signals: the next forward casts A and B anew
+            for p in trainable:
+                p.grad = None
+            del hidden  # the loop drops it at the start of the next step
     static = sum(blk(s) for k, _, s in load if k == "a") - sum(blk(s) for k, _, s in load if k == "f")
     return Trace(load, tracker.events, static + tracker.peak)
 

@@ -201,20 +201,23 @@ def choose_strategy(cfg, world: int, device: torch.device) -> tuple[str, str]:
     if device.type != "cuda":
         return "ddp", "no GPU memory to save"
     from lorafit.plan import budget_bytes
-    from lorafit.plan.fit import make_plan, run_from_config
-    from lorafit.plan.presets import Card, PlanError
+    from lorafit.plan.fit import run_from_config
+    from lorafit.plan.presets import CUDA_CONTEXT_BYTES, Card, PlanError
+    from lorafit.plan.shard import make_shard_plan
 
     try:
         shape, run, _ = run_from_config(cfg)
     except PlanError as e:
         return "ddp", f"the planner cannot read this model ({e})"
+    if cfg.method == "full":
+        return "ddp", "the multi-GPU plan covers LoRA and QLoRA; set distributed: fsdp to shard full fine-tuning"
     total = budget_bytes(cfg.gpu_memory) if cfg.gpu_memory else torch.cuda.get_device_properties(device).total_memory
-    card = Card("this GPU", "this GPU", int(total), context_bytes=0 if cfg.gpu_memory else 512 * 2**20)
-    plan = make_plan(shape, replace(run, gpus=world, strategy="ddp"), card)
+    card = Card("this GPU", "this GPU", int(total), context_bytes=0 if cfg.gpu_memory else CUDA_CONTEXT_BYTES)
+    plan = make_shard_plan(shape, run, card, world, "ddp")
     gib = plan.needed / 2**30
     if plan.fits:
         return "ddp", f"the whole model fits one GPU ({gib:.1f} of {card.budget / 2**30:.1f} GiB)"
-    return "fsdp", f"the whole model needs {gib:.1f} GiB per GPU of {card.budget / 2**30:.1f}: sharded"
+    return "fsdp", f"the whole model needs {gib:.1f} GiB on each GPU, {card.budget / 2**30:.1f} are free: sharded"
 
 
 def optimizer_name(name: str, strategy: str) -> str:

@@ -125,6 +125,9 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     else:
         model.requires_grad_(True)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_checkpoints = cfg.offload_checkpoints
+    for layer in model.model.layers:
+        layer.mlp.chunk_tokens = cfg.mlp_chunk_tokens
     d = distributed.prepare(model, cfg, d, device, progress.say)  # several processes: data parallel or FSDP2
     trainable = [p for p in model.parameters() if p.requires_grad]
     progress.say(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
