@@ -92,7 +92,8 @@ class BatchStream:
     def __init__(self, examples: list[Example], max_length: int, packing: bool, seed: int, pad_id: int):
         if not examples:
             raise ValueError("no training examples")
-        self.examples, self.max_length, self.packing, self.seed, self.pad_id = examples, max_length, packing, seed, pad_id
+        self.examples, self.max_length, self.packing = examples, max_length, packing
+        self.seed, self.pad_id = seed, pad_id
         self._epochs: dict[int, list[list[int]]] = {}
         self._lengths: dict[int, int] = {}  # rows per epoch, kept for all epochs (the rows only for the latest)
 

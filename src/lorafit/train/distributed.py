@@ -46,7 +46,6 @@ from torch import nn
 from lorafit.errors import LorafitError
 
 BUCKET_NUMEL = 2**24  # gradients summed 64 MB (fp32) at a time: few collectives, a bounded extra buffer
-STRATEGIES = ("auto", "ddp", "fsdp")
 _owned = False  # whether setup() created the process group (and teardown() should destroy it)
 
 
