@@ -43,10 +43,13 @@ def _build_kernel():
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         cols = tl.arange(0, BLOCK)
-        running_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        # online log-sum-exp, per lane, then combined. Lanes past V read -1e30, not -inf: a lane that never sees a
+        # real logit (V < BLOCK) would otherwise compute exp(-inf - -inf) = NaN; this way it adds terms that the
+        # final rescaling by exp(-1e30 - row_max) sends to zero.
+        running_max = tl.full([BLOCK], -1e30, tl.float32)
         running_sum = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):  # online log-sum-exp, per lane, then combined
-            x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        for start in range(0, V, BLOCK):
+            x = tl.load(base + start + cols, mask=start + cols < V, other=-1e30).to(tl.float32)
             new_max = tl.maximum(running_max, x)
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(x - new_max)
             running_max = new_max
