@@ -200,9 +200,14 @@ def test_every_command_has_an_example_in_its_help():
 
 
 def test_shell_completion_is_enabled():
-    runner = CliRunner()
-    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="lorafit")
-    assert script.exit_code == 0 and "_LORAFIT_COMPLETE=complete_bash" in script.output
-    completed = runner.invoke(app, [], prog_name="lorafit", env={"_LORAFIT_COMPLETE": "complete_bash",
-                                                                 "COMP_WORDS": "lorafit data pr", "COMP_CWORD": "2"})
-    assert completed.output.split() == ["preview"]
+    """In a fresh process, as a shell runs it (in-process CliRunner calls depend on what earlier tests left)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'lorafit'; from lorafit.cli import main; main()"]
+    script = subprocess.run(cmd + ["--show-completion", "bash"], capture_output=True, text=True)
+    assert script.returncode == 0 and "_LORAFIT_COMPLETE=complete_bash" in script.stdout, script.stderr
+    env = {**os.environ, "_LORAFIT_COMPLETE": "complete_bash", "COMP_WORDS": "lorafit data pr", "COMP_CWORD": "2"}
+    completed = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert completed.stdout.split() == ["preview"], completed.stderr
