@@ -206,7 +206,10 @@ def test_shell_completion_is_enabled():
     import sys
 
     cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'lorafit'; from lorafit.cli import main; main()"]
-    script = subprocess.run(cmd + ["--show-completion", "bash"], capture_output=True, text=True)
+    # with shellingham installed typer detects the shell from the process tree (none under CI); this makes the
+    # shell an explicit argument instead
+    explicit = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    script = subprocess.run(cmd + ["--show-completion", "bash"], capture_output=True, text=True, env=explicit)
     assert script.returncode == 0 and "_LORAFIT_COMPLETE=complete_bash" in script.stdout, script.stderr
     env = {**os.environ, "_LORAFIT_COMPLETE": "complete_bash", "COMP_WORDS": "lorafit data pr", "COMP_CWORD": "2"}
     completed = subprocess.run(cmd, capture_output=True, text=True, env=env)
