@@ -1,11 +1,16 @@
 """Training throughput and peak memory of lorafit's real `train()` path on random weights of real shapes.
 
     python bench/bench_train.py qwen2.5-1.5b 1024 2 [--cap-gb 12] [--method qlora] [--steps 7]
+    python bench/bench_train.py qwen2.5-7b 1024 16 --gpu-memory 12GB    # BATCH is the effective batch; the plan
+                                                                         # picks micro-batch, accumulation, ...
 
 Prints one `RESULT {...}` line in the format of shared/anchors/anchor_step.py (tokens/s = median of steps 3..N,
 peak allocated and reserved GPU memory), so both land in one table. Speed and memory do not depend on weight
 values, so the checkpoint is random; it is built once under /tmp/models (GPU machine) from bench/shapes.yaml.
 Every row is a full document of exactly SEQ tokens and every token carries loss, as in the anchor script.
+`--gpu-memory` runs `train()` as `lorafit train --gpu-memory` does (fit_to_gpu_budget chooses the settings and caps
+the allocator) and adds the chosen settings and the cap to RESULT. `--segments FILE` records the allocator's history
+and writes every segment it created (size, and the innermost lorafit frame of the request that created it).
 """
 
 from __future__ import annotations
@@ -58,6 +63,22 @@ def write_documents(path: Path, n: int, seq: int) -> Path:
     return path
 
 
+def write_segments(path: Path) -> None:
+    """Every segment the caching allocator created (cudaMalloc), in order: its size and the innermost frames of
+    lorafit code (or bench code) of the request that created it; compared with plan.allocator's replay."""
+    snapshot = torch.cuda.memory._snapshot()
+    segments = []
+    for event in (e for trace in snapshot["device_traces"] for e in trace):
+        if event["action"] != "segment_alloc":
+            continue
+        frames = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in event.get("frames", [])
+                  if "lorafit" in f["filename"] or "bench" in f["filename"]][:3]
+        segments.append({"bytes": event["size"], "frames": frames})
+    frees = sum(1 for trace in snapshot["device_traces"] for e in trace if e["action"] == "segment_free")
+    path.write_text(json.dumps({"segments": segments, "segment_frees": frees}))
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -70,6 +91,8 @@ def main() -> None:
     parser.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs to CPU memory")
     parser.add_argument("--mlp-chunk", type=int, default=0, help="tile the MLP over this many tokens")
     parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
+    parser.add_argument("--gpu-memory", default=None, help="fit the run to this budget as `lorafit train` does")
+    parser.add_argument("--segments", default=None, help="write the allocator's segments (JSON) to this file")
     args = parser.parse_args()
 
     from lorafit.config import load_config
@@ -82,6 +105,8 @@ def main() -> None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total)
     torch.cuda.reset_peak_memory_stats()
+    if args.segments:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_work"))
     work.mkdir(parents=True, exist_ok=True)
     data = write_documents(work / f"docs_{args.seq}.jsonl", args.batch * args.steps + 4, args.seq)
@@ -92,7 +117,7 @@ def main() -> None:
         "output_dir": str(work / "run"), "max_steps": args.steps, "micro_batch_size": args.batch,
         "learning_rate": 2e-4, "gradient_checkpointing": not args.no_checkpointing,
         "offload_checkpoints": args.offload, "mlp_chunk_tokens": args.mlp_chunk, "optimizer": "paged_adamw_8bit",
-        "warmup_ratio": 0.0,
+        "warmup_ratio": 0.0, "gpu_memory": args.gpu_memory,
     })
     status = "ok"
     try:
@@ -102,13 +127,27 @@ def main() -> None:
         tok_s, loss = args.batch * args.seq / step_s, history[-1]["loss"]
     except (torch.OutOfMemoryError, LorafitError) as e:  # train() says so at micro-batch 1
         status, step_s, tok_s, loss = f"out of memory ({str(e)[:60]})", None, None, None
+    extra = {}
+    if args.gpu_memory:  # what fit_to_gpu_budget chose (run.json holds the config train() ran with) and its cap
+        from lorafit.plan import budget_bytes
+
+        extra["budget_gb"] = round(budget_bytes(args.gpu_memory) / 2**30, 2)
+        run_json = work / "run" / "run.json"
+        if run_json.is_file():
+            c = json.loads(run_json.read_text())["config"]
+            extra["chosen"] = {"micro_batch_size": c["micro_batch_size"], "grad_accum": c["grad_accum"],
+                               "gradient_checkpointing": c["gradient_checkpointing"],
+                               "max_length": c["data"]["max_length"], "stream_layers": c["model"]["stream_layers"],
+                               "resident_layers": c["model"]["resident_layers"]}
+    if args.segments:
+        write_segments(Path(args.segments))
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
         model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),
         step_s=round(step_s, 3) if step_s else None, tok_s=round(tok_s) if tok_s else None,
-        loss=round(loss, 3) if loss else None)), flush=True)
+        loss=round(loss, 3) if loss else None, **extra)), flush=True)
     sys.exit(0)
 
 

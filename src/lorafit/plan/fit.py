@@ -4,10 +4,11 @@ A run fits when the memory it needs under an allocator cap stays within the card
 context). Under a cap (`lorafit train --gpu-memory`, or simply a full card) the caching allocator frees its cached
 segments before failing, so a run needs less than its uncapped reservation, but more than its live tensors: blocks
 freed inside segments that long-lived tensors still pin cannot be handed back. Replaying the allocator under caps
-(plan.trace; 60 configurations of Qwen2.5 0.5B/1.5B/7B, QLoRA/LoRA, 512-16k tokens) put the smallest cap that
-does not fail at 0.3-21% above the allocated peak: 10-56% of the cached excess (reserved - allocated), or all of it
-when the excess is under 8% of the peak. `need` takes the reservation, or allocated + the larger of 60% of the
-excess and 8% of the peak when that is less, then adds `NEED_MARGIN` for the arithmetic's own error.
+(plan.trace + plan.allocator.replay; 72 configurations of Qwen2.5 0.5B/1.5B/7B, QLoRA/LoRA, checkpointing on and
+off, 512-16k tokens) put the smallest cap that does not fail at 0.1-15% above the allocated peak, and at 89-100% of
+the uncapped reservation (mostly 97-100%): with the fused kernels few cached segments are ever wholly free (the
+recomputed fp32 loss chunks, which were, are gone). So `need` is the predicted reservation plus `NEED_MARGIN` for
+the arithmetic's own error, which puts it at least 1.1% above each of those smallest caps.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from lorafit.plan.memory import Estimate, Run, estimate
 from lorafit.plan.presets import Card, PlanError, Shape, model_presets, resolve_model, shape_from_preset
 from lorafit.plan.recipe import recipe_estimate
 
-NEED_FRACTION, NEED_FLOOR = 0.6, 0.08
 NEED_MARGIN = (1.02, 64 * 2**20)  # x1.02 + 64 MiB
 # Step time of a micro-batch of M tokens is about a + b*M (BENCHMARKS.md, Qwen2.5-1.5B QLoRA on an H100: 0.47 s at
 # 2,048 tokens, 0.72 s at 16,384): tokens/s rises as M / (M + a/b), saturating around 25k tokens. Recomputing the
@@ -53,9 +53,7 @@ class Plan:
 
 def need(est: Estimate) -> int:
     """Bytes the run needs under an allocator cap (see the module docstring)."""
-    raw = min(est.reserved, est.allocated + max(NEED_FRACTION * (est.reserved - est.allocated),
-                                                NEED_FLOOR * est.allocated))
-    return int(raw * NEED_MARGIN[0] + NEED_MARGIN[1])
+    return int(max(est.reserved, est.allocated) * NEED_MARGIN[0] + NEED_MARGIN[1])
 
 
 def make_plan(shape: Shape, run: Run, card: Card) -> Plan:
@@ -111,7 +109,8 @@ def run_from_config(cfg) -> tuple[Shape, Run, int]:
     shape = resolve_model(cfg.model.path)
     optimizer = "paged_adamw_8bit" if cfg.optimizer == "auto" else cfg.optimizer
     run = Run(cfg.method, cfg.data.max_length, cfg.micro_batch_size, cfg.gradient_checkpointing, cfg.grad_accum,
-              cfg.lora.r, tuple(cfg.lora.target_modules), cfg.data.packing, optimizer)
+              cfg.lora.r, tuple(cfg.lora.target_modules), cfg.data.packing, optimizer,
+              eval=bool(cfg.data.val or cfg.data.val_ratio > 0))  # train() then evaluates the loss before and after
     return shape, run, cfg.micro_batch_size * cfg.grad_accum
 
 

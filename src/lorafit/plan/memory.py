@@ -16,7 +16,9 @@ The step's peak is at one of a few moments, and `estimate` returns the largest:
   three fp32 [chunk, vocab] tensors);
 - `layer`: backward of the last decoder layer, where the checkpointed layer has been recomputed and the MLP's
   gradients are being formed (with checkpointing, the saved layer inputs of every layer are alive);
-- `optimizer`: clip + optimizer step, with every LoRA gradient alive.
+- `optimizer`: clip + optimizer step, with every LoRA gradient alive;
+- `eval` (only with validation data): the validation loss without gradient, whose chunks hold fp32 logits and
+  their log-softmax, eight times the training loss's bf16 chunk: for small runs the peak of the whole run.
 `plan.trace` runs lorafit's real model and loss code on the meta device, with stand-ins that allocate and save
 what the CUDA kernels do, to check these formulas tensor by tensor. Full fine-tuning (fp32 master weights under
 bf16 autocast) is modelled from the same reading but is approximate: autocast does not run on meta, so it is
@@ -61,6 +63,7 @@ class Run:
     optimizer: str = "paged_adamw_8bit"
     targets: int | None = None  # tokens carrying loss per micro-batch; None: all (B * (T - 1)), the worst case
     resident_layers: int | None = None  # QLoRA layer streaming: decoder layers kept on the GPU (None: all)
+    eval: bool = False  # validation loss computed (data.val or data.val_ratio): a no-grad pass with fp32 logits
 
     @property
     def tokens(self) -> int:
@@ -360,8 +363,15 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     opt_peak = base + sum(x.bytes for x in opt_lines)
 
     moments = {"loss": loss_peak, "layer": layer_peak, "optimizer": opt_peak}
+    at = {"loss": common + loss_lines, "layer": common + layer_lines, "optimizer": opt_lines}
+    if run.eval:  # moment 4: validation loss (eval/likelihood.py), before and after training, without gradient
+        at["eval"] = [Line("activations", "final hidden state, gathered target states, token ids",
+                           blk(act * H * M) + blk(act * H * N) + batch_ints, "nothing of the forward is saved"),
+                      Line("loss", f"fp32 logits and their log-softmax: 2 x [{C}, {V}]", 2 * blk(4 * C * V),
+                           "no gradient, so train/loss.py's plain chunks: 4x the bf16 logits of training")]
+        moments["eval"] = base + sum(x.bytes for x in at["eval"])
     moment = max(moments, key=moments.get)
-    lines = persistent + {"loss": common + loss_lines, "layer": common + layer_lines, "optimizer": opt_lines}[moment]
+    lines = persistent + at[moment]
     outside = [Line("runtime", "paged optimizer states (unified memory)", opt_paged,
                     "outside the allocator; evicted to CPU when the card is full")] if opt_paged else []
     return Estimate(lines, moment, moments[moment], outside=outside, moments=moments)

@@ -50,7 +50,7 @@ def plan_table(plan: Plan):
     for line in est.outside:
         table.add_row(line.group, escape(line.what), gib(line.bytes), escape(line.why))
     table.add_section()
-    table.add_row("", "needed under a memory cap", gib(plan.needed), "allocated + pinned fragments + 2% margin")
+    table.add_row("", "needed under a memory cap", gib(plan.needed), "reserved + 2% + 64 MiB: little is freeable")
     return table
 
 

@@ -1,23 +1,27 @@
 """The planner's check: run lorafit's real model, LoRA and loss code on the meta device and record every tensor.
 
 `trace_step` builds the model on the meta device (no memory, no compute), wraps it the way `train()` does (NF4,
-LoRA, checkpointing), runs the loop body (forward, chunked loss, backward,
-clip, optimizer states, zero_grad) for a few steps under a dispatch mode that sees each new tensor storage and,
-through a weak reference, its release. Two things cannot run on meta and are stood in for by what the CUDA kernels
-allocate: flash attention (`FlashAttention` below; saves q, k, v, output, log-sum-exp; backward allocates the
-gradients, an fp32 dq accumulator and, for GQA, k/v gradients expanded to all heads) and NF4 dequantization
-(`kernels.nf4` returns an empty bf16 weight on meta: the Triton kernel allocates nothing else). The
-boolean gather of target positions is replaced by a copy of the same size (every token is a target here), so the
-gather's int64 indices (24 bytes per target) are missing from the trace.
+LoRA, checkpointing), runs the loop body (forward, loss, backward, clip, optimizer states, zero_grad) for a few
+steps, with `run.eval` also the validation loss without gradient before and after them, under a dispatch mode that
+sees each new tensor storage and, through a weak reference, its release.
+On the GPU several kernels take a fast path that meta cannot run; what they allocate and save is stood in for:
+- flash attention (`FlashAttention`: saves q, k, v, output, log-sum-exp; backward allocates the gradients, an fp32
+  dq accumulator and, for GQA, k/v gradients expanded to all heads);
+- RMSNorm, RoPE and SwiGLU compiled by Inductor (`RMSNorm`, `RoPE`, `SwiGLU`: their outputs, and the tensors the
+  compiled functions save, which `tests/test_plan.py` checks against torch.compile);
+- NF4 dequantization and the cross-entropy kernel model themselves on meta (`kernels.nf4` returns the bf16 weight
+  only, `kernels.cross_entropy` the per-row loss, its logits overwritten in place);
+- the boolean gather of target positions (`Gather`: meta cannot count a mask's true entries).
+Every token is a target unless `run.targets` says otherwise.
 
-`replay` feeds the allocation stream, preceded by what loading allocates, to a model of PyTorch's CUDA caching
-allocator (same block rounding, segment sizes, best-fit splitting and merging), giving the allocated and reserved
-peaks the GPU would report. Slow-ish (seconds per configuration); the arithmetic in `memory.py` is what `plan` uses.
+`plan.allocator.replay` feeds the allocation stream, preceded by what loading allocates, to a model of PyTorch's
+CUDA caching allocator (same block rounding, segment sizes, best-fit splitting and merging), giving the allocated
+and reserved peaks the GPU would report. Slow-ish (seconds per configuration); the arithmetic in `memory.py` is what
+`plan` uses.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import weakref
@@ -28,7 +32,6 @@ import torch.utils.checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lorafit.plan.allocator import LARGE_MIN, SEG_MID, SEG_SMALL, SMALL, segment
 from lorafit.plan.memory import LOSS_CHUNK_TOKENS, MIN_8BIT_NUMEL, PAGED_MIN_NUMEL, Run, blk
 from lorafit.plan.presets import Shape
 
@@ -238,12 +241,12 @@ def _loss_sum(model, hidden, labels, n: int):
     keep = targets != IGNORE_INDEX
     hidden = Gather.apply(hidden[:, :-1], keep, n)
     targets = Gather.apply(targets, keep, n)
-    if not model.lm_head.weight.requires_grad:  # LoRA, QLoRA: the gradient computed in the forward pass
+    if torch.is_grad_enabled() and not model.lm_head.weight.requires_grad:  # LoRA, QLoRA: gradient in forward
         return linear_cross_entropy_sum(hidden, model.lm_head.weight, targets, LOSS_CHUNK_TOKENS)
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, LOSS_CHUNK_TOKENS):
         h, t = hidden[s:s + LOSS_CHUNK_TOKENS], targets[s:s + LOSS_CHUNK_TOKENS]
-        if n > LOSS_CHUNK_TOKENS:
+        if torch.is_grad_enabled() and n > LOSS_CHUNK_TOKENS:
             total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, model.lm_head, h, t, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(model.lm_head, h, t)
@@ -290,13 +293,21 @@ def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
         tracker.seen[p.untyped_storage()] = -1
     from lorafit.kernels import lora
 
+    def evaluate():  # eval/likelihood.evaluate_loss on one micro-batch, as train() runs it before and after
+        with torch.no_grad():
+            model.eval()
+            _loss_sum(model, model(ids, position_ids=pos), labels, run.target_tokens)
+            model.train()
+
     states: list[torch.Tensor] = []
+    B, T = run.batch, run.seq
     with cuda_kernels(), tracker:
         for step in range(steps):
-            B, T = run.batch, run.seq
             ids = torch.zeros(B, T, dtype=torch.long, device="meta")
             labels = torch.zeros(B, T, dtype=torch.long, device="meta")
             pos = torch.arange(T, device="meta").expand(B, T).contiguous()  # collate makes [B, T] positions
+            if run.eval and step == 0:
+                evaluate()
             hidden = model(ids, position_ids=pos)
             (_loss_sum(model, hidden, labels, run.target_tokens) / 100).backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -315,81 +326,7 @@ def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
             for p in trainable:
                 p.grad = None
             del hidden  # the loop drops it at the start of the next step
+        if run.eval:
+            evaluate()
     static = sum(blk(s) for k, _, s in load if k == "a") - sum(blk(s) for k, _, s in load if k == "f")
     return Trace(load, tracker.events, static + tracker.peak)
-
-
-class CachingAllocator:
-    """PyTorch's CUDA caching allocator, one stream, no expandable segments: sizes, pools, best fit, split, merge."""
-
-    def __init__(self, cap: int | None = None):
-        self.pools: dict[bool, list] = {True: [], False: []}
-        self.cap, self.serial = cap, 0
-        self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
-
-    def _put(self, b: dict) -> None:
-        bisect.insort(self.pools[b["small"]], (b["size"], b["id"], b))
-
-    def _take(self, b: dict) -> None:
-        pool = self.pools[b["small"]]
-        pool.pop(bisect.bisect_left(pool, (b["size"], b["id"])))
-
-    def malloc(self, size: int) -> dict:
-        small = size <= SMALL
-        pool = self.pools[small]
-        i = bisect.bisect_left(pool, (size, -1))
-        if i < len(pool):
-            b = pool.pop(i)[2]
-        else:
-            seg = SEG_SMALL if small else SEG_MID if size < LARGE_MIN else segment(size)
-            if self.cap is not None and self.reserved + seg > self.cap:  # free every wholly free segment, retry
-                for s in (True, False):
-                    for item in [x for x in self.pools[s] if x[2]["prev"] is None and x[2]["next"] is None]:
-                        self._take(item[2])
-                        self.reserved -= item[2]["size"]
-                if self.reserved + seg > self.cap:
-                    raise MemoryError(f"out of memory under a cap of {self.cap} bytes")
-            self.serial += 1
-            b = {"id": self.serial, "size": seg, "small": small, "prev": None, "next": None}
-            self.reserved += seg
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
-        rest = b["size"] - size
-        if rest >= 512 if small else rest > SMALL:
-            self.serial += 1
-            r = {"id": self.serial, "size": rest, "small": small, "prev": b, "next": b["next"]}
-            if b["next"]:
-                b["next"]["prev"] = r
-            b["next"], b["size"] = r, size
-            self._put(r)
-        b["free"] = False
-        self.allocated += b["size"]
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
-        return b
-
-    def free(self, b: dict) -> None:
-        self.allocated -= b["size"]
-        for side in ("prev", "next"):
-            n = b[side]
-            if n is not None and n.get("free", True) and n is not b:
-                self._take(n)
-                first, second = (n, b) if side == "prev" else (b, n)
-                first["size"] += second["size"]
-                first["next"] = second["next"]
-                if second["next"]:
-                    second["next"]["prev"] = first
-                b = first
-        b["free"] = True
-        self._put(b)
-
-
-def replay(trace: Trace, workspace: int = 64 * 2**20, cap: int | None = None) -> CachingAllocator:
-    """Run the trace's allocations through the caching allocator (cuBLAS workspaces first); raises MemoryError when
-    a cap is given and the allocator cannot stay under it."""
-    alloc = CachingAllocator(cap)
-    live = {"ws": alloc.malloc(workspace)} if workspace else {}
-    for kind, key, size in trace.load + trace.step:
-        if kind == "a":
-            live[key] = alloc.malloc(size)
-        elif key in live:
-            alloc.free(live.pop(key))
-    return alloc
