@@ -62,3 +62,18 @@ def test_qlora_training_on_gpu_lowers_loss(tmp_path):
     assert losses[-1] < losses[0] - 0.5  # measured: 5.56 -> 4.58 (uniform over 256 tokens is 5.55)
     assert max(r["gpu_mem_gb"] for r in result.history if "gpu_mem_gb" in r) > 0
     assert json.loads((result.output_dir / "run.json").read_text())["config"]["optimizer"] == "auto"
+
+
+def test_gpu_memory_budget_caps_the_allocator_on_cuda(tmp_path):
+    """`--gpu-memory` with device auto ("cuda", no index): the plan's settings are used and the allocator capped."""
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+    data = write_chat_data(tmp_path / "train.jsonl", 40)
+    cfg = load_config(overrides={"model": {"path": str(folder)}, "data": {"train": str(data), "max_length": 64},
+                                 "lora": {"r": 4, "alpha": 8}, "output_dir": str(tmp_path / "run"), "max_steps": 2,
+                                 "micro_batch_size": 4, "gpu_memory": "12GB", "eval": {"before_training": False}})
+    train(cfg, Progress(quiet=True))
+    total = torch.cuda.get_device_properties(0).total_memory
+    with pytest.raises(torch.OutOfMemoryError):  # 12 GB cap: a 16 GiB tensor is refused although the card has 80
+        torch.empty(16 * 2**30, dtype=torch.uint8, device="cuda")
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert total > 16 * 2**30

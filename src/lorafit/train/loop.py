@@ -74,8 +74,9 @@ def fit_to_gpu_budget(cfg: Config, device: torch.device, progress: Progress) -> 
                  f"grad_accum {cfg.grad_accum}, gradient_checkpointing {cfg.gradient_checkpointing}, "
                  f"max_length {cfg.data.max_length}" + (streaming if cfg.model.stream_layers == "on" else ""))
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has no index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
     else:
         progress.say("no GPU: the budget only chose the settings")
     return cfg
