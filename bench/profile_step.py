@@ -17,7 +17,6 @@ import json
 import time
 
 import torch
-
 from bench.bench_train import make_checkpoint
 
 
@@ -56,8 +55,8 @@ def matmul_floor(model, tokens: int, checkpointing: bool) -> float:
         x = x_cache.setdefault(k, torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16))
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         g = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
-        fwd = timed(lambda: x @ w.t())
-        bwd = timed(lambda: g @ w)
+        fwd = timed(lambda x=x, w=w: x @ w.t())
+        bwd = timed(lambda g=g, w=w: g @ w)
         total += count * ((2 if checkpointing else 1) * fwd + bwd)
     return total
 

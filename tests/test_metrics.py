@@ -39,7 +39,8 @@ def answer(*meds):
 def test_perfect_match():
     assert json_example_score(REF, REF) == {"valid": True, "tp": 12, "fp": 0, "fn": 0}
     scores = json_field_scores([REF], [REF])
-    assert (scores["json_valid_rate"], scores["json_precision"], scores["json_recall"], scores["json_f1"]) == (1, 1, 1, 1)
+    keys = ("json_valid_rate", "json_precision", "json_recall", "json_f1")
+    assert tuple(scores[k] for k in keys) == (1, 1, 1, 1)
 
 
 def test_partial_match_two_of_three_meds_one_field_wrong():
@@ -129,7 +130,8 @@ def test_shape_mismatch_and_empty_containers():
     ref = answer(LISINOPRIL)
     assert json_example_score('{"medications": "none"}', ref) == {"valid": True, "tp": 0, "fp": 1, "fn": 4}
     # An empty list is one leaf ("there are none"): right when the reference is empty, wrong otherwise.
-    assert json_example_score('{"medications": []}', '{"medications": []}') == {"valid": True, "tp": 1, "fp": 0, "fn": 0}
+    expected = {"valid": True, "tp": 1, "fp": 0, "fn": 0}
+    assert json_example_score('{"medications": []}', '{"medications": []}') == expected
     assert json_example_score('{"medications": []}', ref) == {"valid": True, "tp": 0, "fp": 1, "fn": 4}
 
 

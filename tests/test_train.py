@@ -17,7 +17,8 @@ from lorafit.train.progress import Progress
 from tests.tiny import make_tiny_checkpoint
 
 ANSWER = "the quick brown fox"  # one fixed answer: a tiny random model learns it in a few steps
-WORDS = ["hello", "world", "fine", "tuning", "with", "low", "rank", "adapters", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
+WORDS = ["hello", "world", "fine", "tuning", "with", "low", "rank", "adapters", "the", "quick", "brown", "fox", "jumps",
+         "over", "lazy", "dog"]
 
 
 def write_chat_data(path, n, seed=0):

@@ -30,7 +30,8 @@ def _help(text: str, **kw):
 
 @dataclass
 class ModelConfig:
-    path: str = _help("local Hugging Face folder, a .gguf file, or 'bundled' (SmolLM2-135M-Instruct)", default="bundled")
+    path: str = _help("local Hugging Face folder, a .gguf file, or 'bundled' (SmolLM2-135M-Instruct)",
+                      default="bundled")
     trust_remote_code: bool = _help("allow the folder's own Python code to run (off: we never execute model code)",
                                     default=False)
     allow_pickle: bool = _help("read .bin/.pt weights (PyTorch's restricted unpickler); off: safetensors only",
@@ -238,7 +239,8 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument '{arg}': overrides look like --field value or --section.field=value")
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --field value or "
+                              "--section.field=value")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):

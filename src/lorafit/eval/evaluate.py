@@ -78,7 +78,8 @@ def evaluate_run(model, tokenizer, val_examples, conversations, cfg, tag: str, o
 
 def evaluate_model(data: str, model: str | None = None, adapter: str | None = None, metrics: list[str] | None = None,
                    max_examples: int = 0, max_new_tokens: int = 256, batch_size: int = 16,
-                   output_dir: str | Path | None = None, device: str = "auto", system_prompt: str | None = None) -> dict:
+                   output_dir: str | Path | None = None, device: str = "auto",
+                   system_prompt: str | None = None) -> dict:
     """Score a base model, or base + adapter, on a held-out file: target-token loss/perplexity and, with
     `metrics`, generation metrics; per-example predictions go to OUTPUT_DIR/eval/ when given."""
     from lorafit.config import Config, DataConfig, EvalConfig

@@ -183,7 +183,8 @@ def _best_pairs(agree: list[list[int]]) -> list[tuple[int, int]]:
         return list(zip(row_ind.tolist(), col_ind.tolist()))
     if min(rows, cols) <= 7:
         if rows <= cols:
-            best = max(itertools.permutations(range(cols), rows), key=lambda p: sum(agree[i][p[i]] for i in range(rows)))
+            best = max(itertools.permutations(range(cols), rows),
+                       key=lambda p: sum(agree[i][p[i]] for i in range(rows)))
             return list(enumerate(best))
         best = max(itertools.permutations(range(rows), cols), key=lambda p: sum(agree[p[j]][j] for j in range(cols)))
         return [(i, j) for j, i in enumerate(best)]
