@@ -179,3 +179,14 @@ def test_cross_entropy_kernel_equals_reference(vocab):
     fast, ref = cross_entropy_grad(fast_logits, targets), cross_entropy_grad_reference(ref_logits, targets)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(fast_logits.float(), ref_logits.float(), rtol=1e-2, atol=1e-5)
+
+
+def test_dense_weights_on_cpu_are_the_dequantized_weights_and_go_away():
+    from lorafit.model.quantize import dense_weights_on_cpu
+
+    _, module = nf4_linear(48, 128)
+    model = torch.nn.Sequential(module)
+    with dense_weights_on_cpu(model):
+        assert module.dequantize() is module.dequantize()  # cached, not recomputed
+        cached = module.dequantize()
+    assert torch.equal(cached, module.dequantize()) and module.dequantize() is not module.dequantize()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorafit.model.llama import KVCache
+from lorafit.model.quantize import dense_weights_on_cpu
 from lorafit.train.distributed import all_ranks
 
 
@@ -25,6 +26,11 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
 
     Prompts are decoded in batches sorted by length (less padding); the output order is the input order.
     """
+    with dense_weights_on_cpu(model):
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, temperature, seed)
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, temperature, seed):
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

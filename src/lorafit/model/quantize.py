@@ -9,6 +9,8 @@ tool produces); the stored tensors are plain buffers, dequantized by `lorafit.ke
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -85,6 +87,9 @@ class NF4Linear(nn.Module):
         return module
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dense = self.__dict__.get("_dense")
+        if dense is not None and dense.dtype == (dtype or self.compute_dtype):
+            return dense
         if self.absmax_q.is_meta and not self.packed.is_meta:  # model/stream.py's mark of a layer not fetched
             raise RuntimeError("NF4 weights of a streamed layer used while they are not on the device: run the "
                                "layer through its module call (the streaming hooks fetch them)")
@@ -114,6 +119,22 @@ def quantize_nf4(model: nn.Module, device: torch.device | str, compute_dtype: to
             if is_quantizable(name, child):
                 setattr(parent, child_name, NF4Linear.from_linear(child, device, compute_dtype))
     return model
+
+
+@contextlib.contextmanager
+def dense_weights_on_cpu(model: nn.Module):
+    """While decoding on the CPU, keep every NF4 weight dequantized: one decode step per token would otherwise
+    dequantize the whole model each time (bundled 135M model, 8 prompts x 48 tokens on 2 cores: 13.5 s -> 3.4 s, the
+    same text). On a GPU the Triton kernel is cheap next to the memory dense copies would cost: nothing changes."""
+    modules = [m for m in model.modules() if isinstance(m, NF4Linear) and m.packed.device.type == "cpu"
+               and not m.absmax_q.is_meta]
+    for m in modules:
+        m._dense = m.dequantize()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m._dense = None
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
