@@ -101,7 +101,8 @@ def lora_linear(x: torch.Tensor, x_lora: torch.Tensor, lora_a: torch.Tensor, lor
     device = x.device.type if torch.amp.is_autocast_available(x.device.type) else "cpu"  # meta: the planner's trace
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        x, x_lora = x.to(dtype), (x_lora.to(dtype) if x_lora is not x else None)
-        x_lora = x if x_lora is None else x_lora
+        same_input = x_lora is x
+        x = x.to(dtype)
+        x_lora = x if same_input else x_lora.to(dtype)
     with torch.autocast(device, enabled=False):
         return LoRAFunction.apply(x, x_lora, lora_a, lora_b, base, scaling)

@@ -12,7 +12,29 @@ random-number state and autocast setting of its forward, so dropout masks and pr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def _remember_forward_state(ctx, x: torch.Tensor) -> None:
+    """RNG states and autocast setting of this forward, for a recomputation in backward that must repeat it."""
+    ctx.cpu_rng = torch.get_rng_state()
+    ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+    kind = x.device.type
+    ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+
+
+@contextlib.contextmanager
+def _as_in_forward(ctx, x: torch.Tensor):
+    """Grad enabled, with the RNG states and autocast setting `_remember_forward_state` saved; RNG restored after."""
+    kind, dtype, enabled = ctx.autocast
+    devices = [x.device] if x.is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(kind, dtype, enabled):
+        torch.set_rng_state(ctx.cpu_rng)
+        if ctx.cuda_rng is not None:
+            torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        yield
 
 
 class OffloadState:
@@ -62,10 +84,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, index, state, x, *args):
         ctx.layer, ctx.index, ctx.state, ctx.args = layer, index, state, args
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        kind = x.device.type
-        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        _remember_forward_state(ctx, x)
         state.save(index, x)
         with torch.no_grad():
             return ctx.layer(x, *args)
@@ -73,12 +92,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x = ctx.state.load(ctx.index).detach().requires_grad_(True)
-        devices = [x.device] if x.is_cuda else []
-        kind, dtype, enabled = ctx.autocast
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(kind, dtype, enabled):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        with _as_in_forward(ctx, x):
             out = ctx.layer(x, *ctx.args)
         torch.autograd.backward(out, grad)
         return (None, None, None, x.grad) + (None,) * len(ctx.args)
@@ -92,10 +106,7 @@ class TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp, chunk, x):
         ctx.mlp, ctx.chunk = mlp, chunk
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        kind = x.device.type
-        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        _remember_forward_state(ctx, x)
         ctx.save_for_backward(x)
         flat = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
@@ -107,12 +118,7 @@ class TiledMLP(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         flat, grad = x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = torch.empty_like(flat)
-        kind, dtype, enabled = ctx.autocast
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(kind, dtype, enabled):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        with _as_in_forward(ctx, x):
             for i in range(0, flat.shape[0], ctx.chunk):
                 piece = flat[i:i + ctx.chunk].detach().requires_grad_(True)
                 torch.autograd.backward(ctx.mlp.plain_forward(piece), grad[i:i + ctx.chunk])
