@@ -75,19 +75,23 @@ class Choice:
     plan: Plan
 
 
-def fastest(shape: Shape, run: Run, card: Card, effective_batch: int | None = None) -> Choice | None:
-    """The fastest (micro-batch, checkpointing) that fits at run.seq, keeping micro-batch x accumulation equal to
-    the effective batch; None if nothing fits at this sequence length."""
-    effective = effective_batch or run.batch
-    best = None
+def candidate_runs(run: Run, effective: int):
+    """Every (micro-batch, checkpointing) setting at run.seq whose micro-batch x accumulation is `effective`."""
     for b in BATCHES:
         if b > effective or effective % b or (b * run.seq > max(MAX_CHOSEN_TOKENS, run.tokens)):
             continue
         for ckpt in (False, True):
-            candidate = replace(run, batch=b, checkpointing=ckpt, grad_accum=effective // b)
-            plan = make_plan(shape, candidate, card)
-            if plan.fits and (best is None or speed(candidate) > speed(best.run)):
-                best = Choice(candidate, effective // b, plan)
+            yield replace(run, batch=b, checkpointing=ckpt, grad_accum=effective // b)
+
+
+def fastest(shape: Shape, run: Run, card: Card, effective_batch: int | None = None) -> Choice | None:
+    """The fastest (micro-batch, checkpointing) that fits at run.seq, keeping micro-batch x accumulation equal to
+    the effective batch; None if nothing fits at this sequence length."""
+    best = None
+    for candidate in candidate_runs(run, effective_batch or run.batch):
+        plan = make_plan(shape, candidate, card)
+        if plan.fits and (best is None or speed(candidate) > speed(best.run)):
+            best = Choice(candidate, candidate.grad_accum, plan)
     return best
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from lorafit.plan.fit import BATCHES, MAX_CHOSEN_TOKENS, Choice, make_plan
+from lorafit.plan.fit import Choice, candidate_runs, make_plan
 from lorafit.plan.memory import Run, stream_layer_bytes
 from lorafit.plan.presets import Card, Shape
 
@@ -108,21 +108,16 @@ def fastest_streaming(shape: Shape, run: Run, card: Card, effective_batch: int |
     fits at run.seq; `resident` fixes the number of resident layers. None if nothing fits (QLoRA only)."""
     if run.method != "qlora":
         return None
-    effective = effective_batch or run.batch
     best = None
-    for b in BATCHES:
-        if b > effective or effective % b or (b * run.seq > max(MAX_CHOSEN_TOKENS, run.tokens)):
+    for candidate in candidate_runs(run, effective_batch or run.batch):
+        k = resident if resident is not None else most_resident(shape, candidate, card)
+        if k is None:
             continue
-        for ckpt in (False, True):
-            candidate = replace(run, batch=b, checkpointing=ckpt, grad_accum=effective // b)
-            k = resident if resident is not None else most_resident(shape, candidate, card)
-            if k is None:
-                continue
-            candidate = replace(candidate, resident_layers=k)
-            plan = make_plan(shape, candidate, card)
-            if resident is not None and not plan.fits:
-                continue
-            timing = stream_time(shape, candidate, k)
-            if best is None or timing.step_s < best[1].step_s:
-                best = (Choice(candidate, effective // b, plan), timing)
+        candidate = replace(candidate, resident_layers=k)
+        plan = make_plan(shape, candidate, card)
+        if resident is not None and not plan.fits:
+            continue
+        timing = stream_time(shape, candidate, k)
+        if best is None or timing.step_s < best[1].step_s:
+            best = (Choice(candidate, candidate.grad_accum, plan), timing)
     return best
