@@ -25,10 +25,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from bench.bench_train import save_small_tokenizer, write_documents  # noqa: E402
 
 SHAPES = yaml.safe_load((Path(__file__).parent / "shapes.yaml").read_text())
 GIB = 2**30
@@ -45,32 +46,15 @@ CONFIGS = [
 
 def model_folder(name: str, root: Path) -> Path:
     """config.json and a small tokenizer: all of a model folder lorafit reads once the weights are random."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, PreTrainedTokenizerFast
+    from transformers import AutoConfig
 
     path = root / name
     if (path / "done").exists():
         return path
     shape = dict(SHAPES[name])
     AutoConfig.for_model(shape.pop("model_type"), **shape).save_pretrained(path)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["hello world fine tuning with low rank adapters"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            unk_token="<unk>").save_pretrained(path)
+    save_small_tokenizer(path)
     (path / "done").write_text("1")
-    return path
-
-
-def write_documents(path: Path, n: int, seq: int) -> Path:
-    import random
-
-    rng = random.Random(0)
-    words = ["hello", "world", "fine", "tuning", "with", "low", "rank", "adapters"]
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"text": " ".join(rng.choices(words, k=seq + 16))}) + "\n")
     return path
 
 

@@ -29,24 +29,31 @@ import yaml
 SHAPES = yaml.safe_load((Path(__file__).parent / "shapes.yaml").read_text())
 
 
-def make_checkpoint(name: str, root: Path = Path("/tmp/models")) -> Path:
-    path = root / name
-    if (path / "done").exists():
-        return path
+def save_small_tokenizer(path: Path) -> None:
+    """A 300-token byte-level BPE with ChatML's special tokens: all a random-weight checkpoint needs to be loaded."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    shape = dict(SHAPES[name])
-    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.train_from_iterator(["hello world fine tuning with low rank adapters"] * 10, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                             unk_token="<unk>").save_pretrained(path)
+
+
+def make_checkpoint(name: str, root: Path = Path("/tmp/models")) -> Path:
+    path = root / name
+    if (path / "done").exists():
+        return path
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    save_small_tokenizer(path)
     (path / "done").write_text("1")
     del model
     torch.cuda.empty_cache()
