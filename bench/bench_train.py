@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs to CPU memory")
     parser.add_argument("--mlp-chunk", type=int, default=0, help="tile the MLP over this many tokens")
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                        help="record the micro-step as a CUDA graph (config cuda_graphs)")
     parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
     parser.add_argument("--gpu-memory", default=None, help="fit the run to this budget as `lorafit train` does")
     parser.add_argument("--segments", default=None, help="write the allocator's segments (JSON) to this file")
@@ -119,12 +121,12 @@ def main() -> None:
     data = write_documents(work / f"docs_{args.seq}.jsonl", args.batch * args.steps + 4, args.seq)
     cfg = load_config(overrides={
         "model": {"path": str(ckpt)}, "method": args.method,
-        "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": False},
+        "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": True},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "eval": {"before_training": False},
         "output_dir": str(work / "run"), "max_steps": args.steps, "micro_batch_size": args.batch,
         "learning_rate": 2e-4, "gradient_checkpointing": not args.no_checkpointing,
         "offload_checkpoints": args.offload, "mlp_chunk_tokens": args.mlp_chunk, "optimizer": "paged_adamw_8bit",
-        "warmup_ratio": 0.0, "gpu_memory": args.gpu_memory,
+        "warmup_ratio": 0.0, "gpu_memory": args.gpu_memory, "cuda_graphs": args.cuda_graphs,
     })
     status = "ok"
     try:
@@ -150,6 +152,7 @@ def main() -> None:
         write_segments(Path(args.segments))
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
+        cuda_graphs=args.cuda_graphs,
         model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),

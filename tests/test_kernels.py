@@ -151,12 +151,13 @@ def test_cross_entropy_grad_reference_known_values():
 
 def test_fused_linear_cross_entropy_equals_autograd():
     """Loss and dL/dhidden of the gradient-in-forward head against F.cross_entropy through autograd, with a chunk
-    size that does not divide the row count."""
+    size that does not divide the row count, and ignored rows (IGNORE_INDEX: no loss, no gradient)."""
     from lorafit.kernels.cross_entropy import linear_cross_entropy_sum
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(37, 24), torch.randn(101, 24)
     targets = torch.randint(0, 101, (37,))
+    targets[::4] = -100
     h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
     fused = linear_cross_entropy_sum(h1, weight, targets, chunk_tokens=10)
     (fused * 0.5).backward()
@@ -164,6 +165,7 @@ def test_fused_linear_cross_entropy_equals_autograd():
     (plain * 0.5).backward()
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(h1.grad, h2.grad)
+    assert h1.grad[::4].abs().max() == 0 and h1.grad[1::4].abs().min() > 0
 
 
 @pytest.mark.gpu
@@ -175,6 +177,7 @@ def test_cross_entropy_kernel_equals_reference(vocab):
     torch.manual_seed(0)
     logits = torch.randn(67, vocab, device="cuda", dtype=torch.bfloat16) * 4
     targets = torch.randint(0, logits.shape[1], (67,), device="cuda")
+    targets[::5] = -100  # ignored rows: loss 0, gradient 0
     fast_logits, ref_logits = logits.clone(), logits.clone()
     fast, ref = cross_entropy_grad(fast_logits, targets), cross_entropy_grad_reference(ref_logits, targets)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)

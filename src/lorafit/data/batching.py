@@ -57,8 +57,10 @@ def epoch_rows(examples: list[Example], max_length: int, packing: bool, seed: in
     return pack_rows([len(e) for e in examples], order, max_length)
 
 
-def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packing: bool) -> Batch:
-    width = max(sum(len(examples[i]) for i in row) for row in rows)
+def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packing: bool,
+            width: int | None = None) -> Batch:
+    """Rows of examples as one right-padded batch, `width` wide (default: the longest row)."""
+    width = max([width or 0] + [sum(len(examples[i]) for i in row) for row in rows])
     B = len(rows)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
@@ -94,6 +96,7 @@ class BatchStream:
             raise ValueError("no training examples")
         self.examples, self.max_length, self.packing = examples, max_length, packing
         self.seed, self.pad_id = seed, pad_id
+        self.pad_to: int | None = None  # every batch this wide (recorded CUDA graphs need one shape)
         self._epochs: dict[int, list[list[int]]] = {}
         self._lengths: dict[int, int] = {}  # rows per epoch, kept for all epochs (the rows only for the latest)
 
@@ -120,7 +123,7 @@ class BatchStream:
             index += len(take)
             if index >= len(rows):
                 epoch, index = epoch + 1, 0
-        return collate(self.examples, picked, self.pad_id, self.packing), epoch + index / max(len(self.rows(epoch)), 1)
+        return collate(self.examples, picked, self.pad_id, self.packing, self.pad_to), epoch + index / max(len(self.rows(epoch)), 1)
 
     def locate(self, row: int) -> tuple[int, int]:
         """(epoch, index within the epoch) of the run's row number `row`."""
@@ -147,4 +150,4 @@ class BatchStream:
         for row in rows:
             epoch, index = self.locate(row)
             picked.append(self.rows(epoch)[index])
-        return collate(self.examples, picked, self.pad_id, self.packing), self.epoch_at(rows[-1] + 1)
+        return collate(self.examples, picked, self.pad_id, self.packing, self.pad_to), self.epoch_at(rows[-1] + 1)

@@ -21,13 +21,16 @@ from lorafit.kernels.nf4 import FORCE_REFERENCE
 
 
 def cross_entropy_grad_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row loss (fp32); `logits` is overwritten with softmax - onehot (in its own dtype)."""
+    """Per-row loss (fp32); `logits` is overwritten with softmax - onehot (in its own dtype). A row whose target is
+    negative (IGNORE_INDEX) has loss 0 and gradient 0: static-shape callers (CUDA graphs) send every position."""
     z = logits.float()
+    valid = targets >= 0
+    safe = targets.clamp(min=0)[:, None]
     lse = torch.logsumexp(z, dim=-1)
-    loss = lse - z.gather(1, targets[:, None]).squeeze(1)
+    loss = (lse - z.gather(1, safe).squeeze(1)) * valid
     grad = torch.exp(z - lse[:, None])
-    grad.scatter_add_(1, targets[:, None], -torch.ones_like(lse)[:, None])
-    logits.copy_(grad)
+    grad.scatter_add_(1, safe, -torch.ones_like(lse)[:, None])
+    logits.copy_(grad * valid[:, None])
     return loss
 
 
@@ -57,12 +60,14 @@ def _build_kernel():
         total = tl.sum(running_sum * tl.exp(running_max - row_max), 0)
         lse = row_max + tl.log(total)
         target = tl.load(targets_ptr + row)
-        target_logit = tl.load(base + target).to(tl.float32)
-        tl.store(loss_ptr + row, lse - target_logit)
+        valid = target >= 0  # IGNORE_INDEX rows: loss 0, gradient 0
+        target_logit = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
         for start in range(0, V, BLOCK):
             offs = start + cols
             x = tl.load(base + offs, mask=offs < V, other=0.0).to(tl.float32)
             grad = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
+            grad = tl.where(valid, grad, 0.0)
             tl.store(base + offs, grad.to(logits_ptr.dtype.element_ty), mask=offs < V)
 
     return cross_entropy_grad_kernel

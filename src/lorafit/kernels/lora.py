@@ -39,6 +39,12 @@ def _count_optimizer_step(*_):
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def invalidate_casts() -> None:
+    """Forget every cached cast, as an optimizer step does. CUDA graph capture calls it before recording (the casts
+    must be in the graph, not read from an eager buffer) and after (a capture runs nothing: its outputs are empty)."""
+    _count_optimizer_step()
+
+
 def cast_cached(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` in `dtype`, cast once per optimizer update: forward, recomputation and backward of a step share the
     cast; an optimizer step or any in-place change (version counter) invalidates it. Saves two cast kernels per

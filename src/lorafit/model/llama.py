@@ -222,14 +222,16 @@ class CausalLM(nn.Module):
         mask = build_mask(position_ids, seq_ids, key_padding, past, self.args.sliding_window)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         offload = OffloadState(x.device) if checkpoint and self.offload_checkpoints else None
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         if offload is not None and not x.requires_grad:
             x = x.detach().requires_grad_(True)  # the reentrant form runs backward only for inputs that need grad
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.for_layer(i) if cache is not None else None
             if offload is not None:
                 x = OffloadedCheckpoint.apply(layer, i, offload, x, cos, sin, mask)
-            elif checkpoint:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            elif checkpoint:  # a CUDA graph capture cannot read RNG state; it runs only without dropout
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False,
+                                                      preserve_rng_state=not capturing)
             else:
                 x = layer(x, cos, sin, mask, layer_cache)
         return self.model.norm(x)

@@ -30,6 +30,7 @@ from lorafit.train.checkpoint import (
     save_checkpoint,
 )
 from lorafit.train.faults import Interrupted, StopRequest
+from lorafit.train.graphs import GraphedMicroStep, graphs_unavailable
 from lorafit.train.loss import target_loss_sum
 from lorafit.train.optim import build_optimizer, build_scheduler
 from lorafit.train.progress import Progress
@@ -138,6 +139,14 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     # data position is the global row reached, so a resume on another number of processes continues from there.
     pad_id = tokenizer.pad_token_id
     stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.seed, pad_id)
+    graphed = None  # the micro-step as a recorded CUDA graph (train/graphs.py)
+    why_not = graphs_unavailable(cfg, device, d.world, loaded.streamer is not None)
+    if cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cfg.data.packing):
+        if why_not is None:
+            graphed = GraphedMicroStep(model, trainable, torch.bfloat16, progress.say)
+            stream.pad_to = cfg.data.max_length  # one shape to record
+        elif cfg.cuda_graphs == "on":
+            progress.say(f"cuda_graphs on, but not for this run: {why_not}")
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum * d.world
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     meta = read_meta(checkpoint) if checkpoint else {}
@@ -156,6 +165,8 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     log = MetricsLog(out, keep_until_step=start_step, trackers=trackers) if d.main else distributed.RankLog()
 
     def evaluate(tag: str, generation: bool) -> dict:
+        if graphed is not None:
+            graphed.release()  # its memory pool; the next micro-batch records again
         # every rank evaluates (FSDP needs all in each forward); rank 0 writes, and its scores decide for all
         scores = evaluate_run(model, tokenizer, val_examples, eval_conversations if generation else [], cfg, tag,
                               out if d.main else None, autocast)
@@ -186,28 +197,36 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             # the targets of the whole global batch, so N processes train exactly like one
             num_targets = max(1, int(d.sum([sum(batch.num_targets for batch, _ in micro)])[0]))
             hidden = batch_loss = None
-            loss_sum, out_of_memory = 0.0, False
+            loss_total, out_of_memory = torch.zeros((), device=device), False
             try:
                 for i, (batch, _) in enumerate(micro):
                     distributed.set_grad_sync(model, d, i == len(micro) - 1)
-                    batch = batch.to(device)
-                    with autocast() if autocast else contextlib.nullcontext():
-                        hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids)
-                        batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
-                    # divide by the targets of the whole accumulated batch: accumulation then equals one large batch
-                    (batch_loss / num_targets).backward()
-                    loss_sum += float(batch_loss.detach())
+                    if graphed is not None:
+                        batch_loss = graphed.run(batch, 1.0 / num_targets)
+                    else:
+                        batch = batch.to(device)
+                        with autocast() if autocast else contextlib.nullcontext():
+                            hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids)
+                            batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
+                        # divide by the targets of the whole accumulated batch: accumulation equals one large batch
+                        (batch_loss / num_targets).backward()
+                    loss_total += batch_loss.detach()  # on the device: no wait for the GPU per micro-batch
+                loss_sum = float(loss_total)
             except torch.OutOfMemoryError:
-                hidden = batch_loss = None  # they hold the failed step's activations
+                hidden = batch_loss = loss_total = None  # they hold the failed step's activations
+                if graphed is not None:
+                    graphed.disable()
+                    graphed = None
+                    progress.say("CUDA graphs off for the rest of the run (out of GPU memory)")
                 torch.cuda.empty_cache()
                 if d.strategy == "fsdp":  # the other ranks wait inside a collective: no coming back from here
                     raise LorafitError("out of GPU memory under FSDP: lower micro_batch_size or data.max_length "
                                        "(see `lorafit plan --gpus N --strategy fsdp`)") from None
                 out_of_memory = True
-            loss_sum, tokens, oom_ranks, stop_ranks = d.sum([loss_sum, sum(b.num_tokens for b, _ in micro),
+            loss_sum, tokens, oom_ranks, stop_ranks = d.sum([0.0 if out_of_memory else loss_sum, sum(b.num_tokens for b, _ in micro),
                                                              out_of_memory, stop.requested])
             if oom_ranks:  # every rank retries the step together
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=graphed is None)
                 if micro_batch_size == 1:
                     raise LorafitError("out of GPU memory at micro-batch 1: shorten data.max_length, turn on "
                                        "gradient_checkpointing, or use method qlora (see `lorafit plan`)") from None
@@ -221,7 +240,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             grad_norm = distributed.to_float(grad_norm)
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 # a NaN/Inf step must not reach the weights; skip it, and stop if it keeps happening
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=graphed is None)
                 bad_steps_in_a_row, skipped_steps = bad_steps_in_a_row + 1, skipped_steps + 1
                 progress.say(f"step {step + 1}: loss or gradient is NaN/Inf, step skipped ({skipped_steps} so far)")
                 if bad_steps_in_a_row >= cfg.max_bad_steps:
@@ -234,7 +253,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             bad_steps_in_a_row = 0
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphed is None)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0

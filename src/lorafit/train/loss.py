@@ -50,3 +50,21 @@ def target_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor,
         else:
             total = total + _chunk_loss_sum(model.lm_head, h, t)
     return total, count
+
+
+def every_position_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor,
+                            chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """`target_loss_sum`'s sum without selecting the labelled positions first: every position goes through the head
+    and unlabelled ones add 0. Shapes then depend on the batch shape alone and nothing waits for the GPU (selecting
+    positions needs their count on the host), which a captured CUDA graph requires (train/graphs.py). Costs the
+    head's work on prompt positions."""
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    if torch.is_grad_enabled() and hidden.requires_grad and not model.lm_head.weight.requires_grad \
+            and not FORCE_REFERENCE:
+        return linear_cross_entropy_sum(hidden, model.lm_head.weight, targets, chunk_tokens)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        total = total + _chunk_loss_sum(model.lm_head, hidden[start:start + chunk_tokens],
+                                        targets[start:start + chunk_tokens])
+    return total

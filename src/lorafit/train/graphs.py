@@ -1,0 +1,135 @@
+"""CUDA graphs for the training micro-step: forward, loss and backward recorded once, replayed for every batch of
+that shape.
+
+Why: with NF4 dequantization, the fused LoRA Function, compiled norms and the CE kernel, a QLoRA micro-step of a
+28-layer model is ~5,000 kernel launches, and Python issuing them (~0.59 s for Qwen2.5-1.5B at 16 x 1024 on the
+H100) takes longer than the GPU running them (~0.37 s): the GPU waits for the CPU. A replay issues the whole
+recorded micro-step in one call.
+
+What a recording needs, and how it gets it here:
+- one shape and no host waits: packed micro-batches padded to `data.max_length`, and a loss over every position
+  (`every_position_loss_sum`: selecting the labelled ones would need their count on the host); batches of any
+  other shape run eagerly;
+- fixed addresses: each batch is copied into the recording's input tensors; gradients stay allocated (zeroed in
+  place, never set to None), so the recorded backward accumulates into the same buffers on every replay;
+- nothing random to repeat (LoRA dropout 0): checkpoint recomputation need not save and restore RNG state, which
+  cannot be read during a capture;
+- the LoRA casts recorded instead of read from `cast_cached`'s cache (`invalidate_casts`).
+
+The first micro-batch of the shape runs eagerly on the capture stream (a real step: its loss and gradients count,
+and lazy per-stream state such as cuBLAS workspaces is set up); the recording follows (recording runs nothing, so
+the gradients stay as that run left them); every later micro-batch replays. The recording's activations live in
+a private memory pool the size of one eager micro-step's; `release()` hands it back (before evaluation, and when
+memory runs out). If recording fails for any reason, the run says so and continues eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorafit.kernels.lora import invalidate_casts
+from lorafit.kernels.nf4 import FORCE_REFERENCE
+from lorafit.train.loss import every_position_loss_sum
+
+
+def graphs_unavailable(cfg, device: torch.device, world: int, streaming: bool) -> str | None:
+    """Why this run cannot record its micro-step (None: it can)."""
+    reasons = {
+        "the device is not a CUDA GPU": device.type != "cuda",
+        "several processes (their gradient reductions are not recorded)": world > 1,
+        "method full": cfg.method == "full",
+        "lora.dropout > 0 (recomputation would need the RNG state)": cfg.lora.dropout > 0,
+        "offload_checkpoints (pinned host copies)": cfg.offload_checkpoints,
+        "mlp_chunk_tokens (its recomputation restores RNG state)": cfg.mlp_chunk_tokens > 0,
+        "layer streaming": streaming,
+        "LORAFIT_REFERENCE_KERNELS=1 (the plain-PyTorch twins run as they are)": FORCE_REFERENCE,
+    }
+    found = [reason for reason, applies in reasons.items() if applies]
+    return ", ".join(found) if found else None
+
+
+class _Recording:
+    def __init__(self, inputs: dict[str, torch.Tensor], inv_targets: torch.Tensor):
+        self.inputs, self.inv_targets = inputs, inv_targets
+        self.graph = torch.cuda.CUDAGraph()
+        self.loss: torch.Tensor | None = None
+
+
+class GraphedMicroStep:
+    """`run(batch, 1 / targets)`: forward, loss and backward of one micro-batch (gradients accumulate into
+    `.grad`), through a recorded graph when the batch has the recorded shape."""
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], dtype: torch.dtype, say=print):
+        self.model, self.params, self.dtype, self.say = model, params, dtype, say
+        self.recording: _Recording | None = None
+        self.key = None  # (shape, packed) of the recording; None until the first micro-batch
+        self.failed = False
+        self.stream = torch.cuda.Stream()
+
+    def _forward_backward(self, inputs: dict[str, torch.Tensor], inv_targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):
+            hidden = self.model(inputs["input_ids"], position_ids=inputs["position_ids"],
+                                seq_ids=inputs.get("seq_ids"))
+            loss = every_position_loss_sum(self.model, hidden, inputs["labels"])
+        (loss * inv_targets).backward()
+        return loss.detach()
+
+    def run(self, batch, inv_targets: float) -> torch.Tensor:
+        """The micro-batch's summed loss (a GPU scalar, valid until the next call)."""
+        key = (tuple(batch.input_ids.shape), batch.seq_ids is not None)
+        if self.key is None and not self.failed:
+            self.key = key
+            return self._run_then_record(batch, inv_targets)
+        rec = self.recording
+        if rec is None or key != self.key:
+            return self._forward_backward(self._inputs(batch), self._scalar(inv_targets))
+        for name, tensor in rec.inputs.items():
+            tensor.copy_(getattr(batch, name), non_blocking=True)
+        rec.inv_targets.fill_(inv_targets)
+        rec.graph.replay()
+        return rec.loss
+
+    def _inputs(self, batch) -> dict[str, torch.Tensor]:
+        names = ("input_ids", "labels", "position_ids") + (("seq_ids",) if batch.seq_ids is not None else ())
+        return {name: getattr(batch, name).to("cuda", non_blocking=True) for name in names}
+
+    def _scalar(self, value: float) -> torch.Tensor:
+        return torch.full((), value, dtype=torch.float32, device="cuda")
+
+    def _run_then_record(self, batch, inv_targets: float) -> torch.Tensor:
+        inputs, inv = self._inputs(batch), self._scalar(inv_targets)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            loss = self._forward_backward(inputs, inv)  # the real step for this micro-batch
+        torch.cuda.current_stream().wait_stream(self.stream)
+        for p in self.params:  # the recorded backward must accumulate into buffers that exist now
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        rec = _Recording(inputs, inv)
+        try:
+            invalidate_casts()
+            with torch.cuda.graph(rec.graph, stream=self.stream):
+                rec.loss = self._forward_backward(rec.inputs, rec.inv_targets)
+            self.recording = rec
+        except Exception as e:  # noqa: BLE001 - any failure to record leaves a working eager run
+            self.failed = True
+            self.say(f"CUDA graphs off for this run: recording the micro-step failed "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+            del rec
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        finally:
+            invalidate_casts()
+        return loss
+
+    def release(self) -> None:
+        """Free the recording's memory pool; the next micro-batch of the shape records again."""
+        if self.recording is not None:
+            self.recording = None
+            self.key = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def disable(self) -> None:
+        self.release()
+        self.failed = True

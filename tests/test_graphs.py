@@ -1,0 +1,109 @@
+"""The recorded (CUDA graph) micro-step: its static-shape loss equals the trainer's loss on CPU, and on a GPU its
+replays give eager training's loss and gradients, across optimizer steps (the LoRA casts must be re-recorded, not
+frozen at their first values)."""
+
+import pytest
+import torch
+
+from lorafit.config import ConfigError, LoraConfig, load_config
+from lorafit.data.batching import Batch, collate
+from lorafit.data.example import IGNORE_INDEX, Example
+from lorafit.model.load import load_model
+from lorafit.model.lora import apply_lora
+from lorafit.train.graphs import graphs_unavailable
+from lorafit.train.loss import every_position_loss_sum, target_loss_sum
+from tests.tiny import make_tiny_checkpoint
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_lora_model(tmp_path, device="cpu", dtype=torch.float32):
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+    model = load_model(str(folder), torch.device(device), dtype, quantize=True).model
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():  # B starts at zero; random B makes every gradient path carry signal
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.gradient_checkpointing = True
+    return model.train()
+
+
+def random_batch(seed: int, rows: int = 2, width: int = 24) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (rows, width), generator=g)
+    labels = ids.clone()
+    labels[:, : width // 3] = IGNORE_INDEX  # a prompt that carries no loss
+    positions = torch.arange(width).expand(rows, width).clone()
+    return Batch(ids, labels, positions, None, int((labels[:, 1:] != IGNORE_INDEX).sum()), rows * width)
+
+
+def test_every_position_loss_equals_target_loss_with_gradients(tmp_path):
+    model = tiny_lora_model(tmp_path)
+    batch = random_batch(0)
+    results = []
+    for loss_fn in (lambda h: target_loss_sum(model, h, batch.labels)[0],
+                    lambda h: every_position_loss_sum(model, h, batch.labels)):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(batch.input_ids, position_ids=batch.position_ids))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    assert loss_a > 0 and len(grads_a) == 2 * 7 * 2
+    for name, grad in grads_a.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_collate_pads_to_the_asked_width():
+    examples = [Example(input_ids=[5, 6, 7], labels=[5, 6, 7]), Example(input_ids=[8, 9], labels=[8, 9])]
+    batch = collate(examples, [[0], [1]], pad_id=0, packing=True, width=10)
+    assert batch.input_ids.shape == (2, 10) and batch.num_targets == 3 and batch.num_tokens == 5
+    assert (batch.labels[:, 3:] == IGNORE_INDEX).all() and batch.input_ids[1, 2:].eq(0).all()
+
+
+def test_graphs_say_why_not_and_on_rejects_what_cannot_be_recorded():
+    cfg = load_config(overrides={"lora": {"dropout": 0.1}, "offload_checkpoints": True})
+    reason = graphs_unavailable(cfg, torch.device("cpu"), world=1, streaming=False)
+    assert "not a CUDA GPU" in reason and "lora.dropout" in reason and "offload_checkpoints" in reason
+    with pytest.raises(ConfigError, match="lora.dropout > 0, offload_checkpoints"):
+        load_config(overrides={"cuda_graphs": "on", "lora": {"dropout": 0.1}, "offload_checkpoints": True})
+    assert load_config(overrides={"cuda_graphs": "on"}).cuda_graphs == "on"
+
+
+@pytest.mark.gpu
+@cuda
+def test_recorded_micro_steps_equal_eager_ones_across_optimizer_steps(tmp_path):
+    """Two identical models: one runs every micro-batch eagerly, the other through GraphedMicroStep (first batch
+    eager + recording, then replays). Three steps of two micro-batches with an optimizer step between: equal losses,
+    gradients and adapter weights; a replay after the weights changed must use the new weights."""
+    from lorafit.train.graphs import GraphedMicroStep
+
+    models = [tiny_lora_model(tmp_path / str(i), "cuda", torch.bfloat16) for i in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    optimizers = [torch.optim.AdamW(ps, lr=1e-2) for ps in params]
+    graphed = GraphedMicroStep(models[1], params[1], torch.bfloat16, say=pytest.fail)
+    for step in range(3):
+        batches = [random_batch(10 * step + i) for i in range(2)]
+        targets = sum(b.num_targets for b in batches)
+        losses = [0.0, 0.0]
+        for batch in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                hidden = models[0](batch.input_ids.cuda(), position_ids=batch.position_ids.cuda())
+                loss = every_position_loss_sum(models[0], hidden, batch.labels.cuda())
+            (loss / targets).backward()
+            losses[0] += loss.item()
+            losses[1] += graphed.run(batch, 1.0 / targets).item()
+        assert graphed.recording is not None and not graphed.failed
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        for a, b in zip(*params):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    for a, b in zip(*params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    graphed.release()
+    assert graphed.recording is None
