@@ -123,7 +123,8 @@ class BatchStream:
             index += len(take)
             if index >= len(rows):
                 epoch, index = epoch + 1, 0
-        return collate(self.examples, picked, self.pad_id, self.packing, self.pad_to), epoch + index / max(len(self.rows(epoch)), 1)
+        batch = collate(self.examples, picked, self.pad_id, self.packing, self.pad_to)
+        return batch, epoch + index / max(len(self.rows(epoch)), 1)
 
     def locate(self, row: int) -> tuple[int, int]:
         """(epoch, index within the epoch) of the run's row number `row`."""

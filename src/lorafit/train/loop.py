@@ -223,7 +223,8 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                     raise LorafitError("out of GPU memory under FSDP: lower micro_batch_size or data.max_length "
                                        "(see `lorafit plan --gpus N --strategy fsdp`)") from None
                 out_of_memory = True
-            loss_sum, tokens, oom_ranks, stop_ranks = d.sum([0.0 if out_of_memory else loss_sum, sum(b.num_tokens for b, _ in micro),
+            loss_sum, tokens, oom_ranks, stop_ranks = d.sum([0.0 if out_of_memory else loss_sum,
+                                                             sum(b.num_tokens for b, _ in micro),
                                                              out_of_memory, stop.requested])
             if oom_ranks:  # every rank retries the step together
                 optimizer.zero_grad(set_to_none=graphed is None)
