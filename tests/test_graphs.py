@@ -17,8 +17,8 @@ from tests.tiny import make_tiny_checkpoint
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def tiny_lora_model(tmp_path, device="cpu", dtype=torch.float32):
-    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+def tiny_lora_model(tmp_path, device="cpu", dtype=torch.float32, family="qwen2"):
+    folder, _ = make_tiny_checkpoint(tmp_path, family)
     model = load_model(str(folder), torch.device(device), dtype, quantize=True).model
     apply_lora(model, LoraConfig(r=4, alpha=8))
     with torch.no_grad():  # B starts at zero; random B makes every gradient path carry signal
@@ -74,14 +74,22 @@ def test_graphs_say_why_not_and_on_rejects_what_cannot_be_recorded():
 
 @pytest.mark.gpu
 @cuda
-def test_recorded_micro_steps_equal_eager_ones_across_optimizer_steps(tmp_path):
+@pytest.mark.parametrize("family,cpu_table", [("qwen2", False), ("llama", True)])
+def test_recorded_micro_steps_equal_eager_ones_across_optimizer_steps(tmp_path, family, cpu_table):
     """Two identical models: one runs every micro-batch eagerly, the other through GraphedMicroStep (first batch
     eager + recording, then replays). Three steps of two micro-batches with an optimizer step between: equal losses,
-    gradients and adapter weights; a replay after the weights changed must use the new weights."""
+    gradients and adapter weights; a replay after the weights changed must use the new weights. With `cpu_table`
+    the graphed model's (untied) embedding table sits in CPU memory (model.embeddings_on_cpu)."""
     from lorafit.train.graphs import GraphedMicroStep
 
-    models = [tiny_lora_model(tmp_path / str(i), "cuda", torch.bfloat16) for i in range(2)]
+    models = [tiny_lora_model(tmp_path / str(i), "cuda", torch.bfloat16, family) for i in range(2)]
     models[1].load_state_dict(models[0].state_dict())
+    if cpu_table:
+        models[1].model.embed_tokens.to("cpu")
+        ids = torch.randint(0, 256, (2, 9))
+        with torch.no_grad():  # the CPU lookup gives the GPU lookup's hidden states, from CPU or GPU ids
+            for where in ("cpu", "cuda"):
+                torch.testing.assert_close(models[1](ids.to(where)), models[0](ids.cuda()), rtol=0, atol=0)
     params = [[p for p in m.parameters() if p.requires_grad] for m in models]
     optimizers = [torch.optim.AdamW(ps, lr=1e-2) for ps in params]
     graphed = GraphedMicroStep(models[1], params[1], torch.bfloat16, say=pytest.fail)

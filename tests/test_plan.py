@@ -1,6 +1,8 @@
 """The memory planner: presets against built models, bytes per format against real tensors, the arithmetic against
 lorafit's own code traced on the meta device, and the totals against peaks measured on an H100."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -105,6 +107,20 @@ def test_arithmetic_equals_lorafit_traced_on_meta(method, seq, batch, ckpt):
     run = Run(method, seq, batch, ckpt)
     traced = trace_step(ODD, run).peak + 2 * 32 * 2**20  # the two cuBLAS workspaces are not tensors
     assert estimate(ODD, run).allocated == pytest.approx(traced, rel=0.005)
+
+
+def test_embedding_table_in_cpu_memory_leaves_the_gpu_plan_and_trace():
+    """model.embeddings_on_cpu: the untied table (vocab x hidden bf16) is gone from both the formulas and the trace;
+    a tied table (it is the LM head) stays."""
+    from lorafit.plan.trace import trace_step
+
+    on_gpu, on_cpu = Run("qlora", 600, 2), Run("qlora", 600, 2, embeddings_on_cpu=True)
+    traced = trace_step(ODD, on_cpu).peak + 2 * 32 * 2**20
+    assert estimate(ODD, on_cpu).allocated == pytest.approx(traced, rel=0.005)
+    saved = estimate(ODD, on_gpu).allocated - estimate(ODD, on_cpu).allocated
+    assert saved == blk(2 * ODD.vocab * ODD.hidden)
+    tied = replace(ODD, tied=True)
+    assert estimate(tied, on_cpu).allocated == estimate(tied, on_gpu).allocated
 
 
 def _saved(fn, *args) -> list[tuple]:

@@ -211,13 +211,23 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing = False
         self.offload_checkpoints = False  # with checkpointing: keep the saved layer inputs in CPU memory
 
-    def forward(self, input_ids, position_ids=None, seq_ids=None, key_padding=None, cache: KVCache | None = None):
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings on the compute device. A table kept in CPU memory (`embeddings_on_cpu`) is read there
+        and only the rows travel; ids already on the CPU (a fresh batch) then cost no wait for the GPU."""
+        table = self.model.embed_tokens.weight
+        device = self.model.norm.weight.device
+        if table.device == device:
+            return self.model.embed_tokens(input_ids.to(device))
+        return F.embedding(input_ids.to(table.device), table).to(device, non_blocking=True)
+
+    def forward(self, input_ids, position_ids=None, seq_ids=None, key_padding=None, cache: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None):
         """Final hidden states [B, T, H]; `logits(hidden)` turns them into scores (the loss never needs all)."""
-        B, T = input_ids.shape
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)
+            position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         mask = build_mask(position_ids, seq_ids, key_padding, past, self.args.sliding_window)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -238,6 +248,13 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def wants_cpu_embeddings(setting: str, tied: bool, method: str, gpus: int = 1) -> bool:
+    """Whether the input embedding table stays in CPU memory (config model.embeddings_on_cpu): only a frozen table
+    that is not also the LM head, on one GPU (FSDP shards it with the root instead)."""
+    possible = not tied and method in ("lora", "qlora") and gpus == 1
+    return possible and setting in ("auto", "on")
 
 
 def build_mask(position_ids, seq_ids, key_padding, past: int, window: int | None):

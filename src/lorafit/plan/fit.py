@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from lorafit.model.llama import wants_cpu_embeddings
 from lorafit.plan.allocator import reserved
 from lorafit.plan.memory import Estimate, Run, estimate
 from lorafit.plan.presets import Card, PlanError, Shape, model_presets, resolve_model, shape_from_preset
@@ -114,7 +115,8 @@ def run_from_config(cfg) -> tuple[Shape, Run, int]:
     optimizer = "paged_adamw_8bit" if cfg.optimizer == "auto" else cfg.optimizer
     run = Run(cfg.method, cfg.data.max_length, cfg.micro_batch_size, cfg.gradient_checkpointing, cfg.grad_accum,
               cfg.lora.r, tuple(cfg.lora.target_modules), cfg.data.packing, optimizer,
-              eval=bool(cfg.data.val or cfg.data.val_ratio > 0))  # train() then evaluates the loss before and after
+              eval=bool(cfg.data.val or cfg.data.val_ratio > 0),  # train() then evaluates the loss before and after
+              embeddings_on_cpu=wants_cpu_embeddings(cfg.model.embeddings_on_cpu, shape.tied, cfg.method))
     return shape, run, cfg.micro_batch_size * cfg.grad_accum
 
 

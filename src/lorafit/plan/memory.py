@@ -64,6 +64,7 @@ class Run:
     targets: int | None = None  # tokens carrying loss per micro-batch; None: all (B * (T - 1)), the worst case
     resident_layers: int | None = None  # QLoRA layer streaming: decoder layers kept on the GPU (None: all)
     eval: bool = False  # validation loss computed (data.val or data.val_ratio): a no-grad pass with fp32 logits
+    embeddings_on_cpu: bool = False  # the untied input embedding table stays in CPU memory (model.embeddings_on_cpu)
 
     @property
     def tokens(self) -> int:
@@ -127,7 +128,7 @@ def stream_slots(shape: Shape, resident: int | None) -> int:
     return 0 if resident is None else min(2, max(0, shape.layers - resident))
 
 
-def weight_lines(shape: Shape, method: str, resident: int | None = None) -> list[Line]:
+def weight_lines(shape: Shape, method: str, resident: int | None = None, embeddings_on_cpu: bool = False) -> list[Line]:
     """The frozen (or, for full, trained) model: decoder linears, embeddings/head, norms and biases. With layer
     streaming (`resident` layers of NF4 on the GPU) the other layers' NF4 tensors live in CPU memory and two slot
     buffers of one layer each take their place."""
@@ -141,7 +142,7 @@ def weight_lines(shape: Shape, method: str, resident: int | None = None) -> list
             dense += blk(wb * i * o)
         bias += blk(wb * o) if has_bias else 0
     L, H = shape.layers, shape.hidden
-    emb = blk(wb * shape.vocab * H) * (1 if shape.tied else 2)
+    emb = blk(wb * shape.vocab * H) * (1 if shape.tied or embeddings_on_cpu else 2)
     norms = (2 * L + 1) * blk(wb * H) + (2 * L * blk(wb * shape.head_dim) if shape.qk_norm else 0)
     lines = []
     if method == "qlora":
@@ -157,7 +158,8 @@ def weight_lines(shape: Shape, method: str, resident: int | None = None) -> list
     else:
         lines.append(Line("weights", f"decoder linears, {'fp32' if wb == 4 else 'bf16'}", L * dense,
                           f"{wb} bytes per weight"))
-    head = "embedding (tied to the head)" if shape.tied else "embedding + LM head"
+    head = ("embedding (tied to the head)" if shape.tied else
+            "LM head (the embedding table stays in CPU memory)" if embeddings_on_cpu else "embedding + LM head")
     lines.append(Line("weights", f"{head}, {'fp32' if wb == 4 else 'bf16'}", emb,
                       "trained, fp32 master" if wb == 4 else "kept 16-bit, never quantized"))
     lines.append(Line("weights", "norms and biases", norms + L * bias, ""))
@@ -274,7 +276,8 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     res = 4 if full else act  # full: fp32 embedding output, so the residual stream is fp32
     ws = 2 * (card.cublas_workspace if card else 32 * 2**20)  # one cuBLAS workspace per thread: forward, autograd
 
-    persistent = weight_lines(shape, run.method, run.resident_layers if run.method == "qlora" else None)
+    persistent = weight_lines(shape, run.method, run.resident_layers if run.method == "qlora" else None,
+                              run.embeddings_on_cpu and not shape.tied)
     tensors = trainable_tensors(shape, run)
     p_bytes = sum(blk(4 * n) for n in tensors)
     opt_in, opt_paged = optimizer_bytes(tensors, run.optimizer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from lorafit.model.llama import wants_cpu_embeddings
 from lorafit.plan.fit import Plan, fastest, fits_table, longest_seq, make_plan
 from lorafit.plan.memory import Run
 from lorafit.plan.presets import ALL_LINEAR, resolve_card, resolve_model
@@ -79,7 +80,8 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
     if fits:
         return fits_command(card, console)
     shape = resolve_model(model)
-    run = Run(method, seq, batch, checkpointing, grad_accum, lora_r, ALL_LINEAR, packed)
+    run = Run(method, seq, batch, checkpointing, grad_accum, lora_r, ALL_LINEAR, packed,
+              embeddings_on_cpu=wants_cpu_embeddings("auto", shape.tied, method, gpus))
     if gpus > 1:
         from lorafit.plan.shard import shard_command
 

@@ -260,11 +260,12 @@ class Trace:
     peak: int = 0  # live tensor bytes at the peak (load + steps)
 
 
-def load_events(model) -> list[tuple[str, int, int]]:
-    """Loading, in order: NF4 quantization of each linear through a bf16 copy, then the dense rest, then LoRA."""
+def load_events(model, off_gpu: tuple[torch.Tensor, ...] = ()) -> list[tuple[str, int, int]]:
+    """Loading, in order: NF4 quantization of each linear through a bf16 copy, then the dense rest, then LoRA.
+    `off_gpu`: parameters kept in CPU memory (the embedding table with embeddings_on_cpu)."""
     from lorafit.model.quantize import NF4Linear
 
-    events, seen = [], set()
+    events, seen = [], {id(p) for p in off_gpu}
     for _, m in model.named_modules():
         if isinstance(m, NF4Linear):
             n = m.in_features * m.out_features
@@ -287,7 +288,8 @@ def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
     model.gradient_checkpointing = run.checkpointing
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    load = load_events(model)
+    cpu_table = run.embeddings_on_cpu and not shape.tied  # its looked-up rows still land on the GPU, as here
+    load = load_events(model, (model.model.embed_tokens.weight,) if cpu_table else ())
     tracker = LiveBytes()
     for p in model.parameters():  # known storages: loading already counted them
         tracker.seen[p.untyped_storage()] = -1

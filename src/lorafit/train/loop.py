@@ -19,6 +19,7 @@ from lorafit.data.tokenize import ensure_chat_template
 from lorafit.errors import LorafitError
 from lorafit.eval.evaluate import evaluate_run, load_eval_conversations
 from lorafit.export.readme import write_adapter_readme
+from lorafit.model.llama import wants_cpu_embeddings
 from lorafit.model.load import load_model, model_identity
 from lorafit.model.lora import apply_lora, save_adapter
 from lorafit.train import distributed
@@ -131,6 +132,15 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     for layer in model.model.layers:
         layer.mlp.chunk_tokens = cfg.mlp_chunk_tokens
     d = distributed.prepare(model, cfg, d, device, progress.say)  # several processes: data parallel or FSDP2
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    cpu_embeddings = device.type == "cuda" and wants_cpu_embeddings(cfg.model.embeddings_on_cpu, tied, cfg.method,
+                                                                    d.world)
+    if cpu_embeddings:
+        table = model.model.embed_tokens.to("cpu").weight
+        progress.say(f"input embedding table kept in CPU memory ({table.nbytes / 2**30:.2f} GiB off the GPU)")
+    elif cfg.model.embeddings_on_cpu == "on":
+        progress.say("model.embeddings_on_cpu on, but not for this run: it needs one GPU, lora or qlora, and a table "
+                     "that is not tied to the LM head")
     trainable = [p for p in model.parameters() if p.requires_grad]
     progress.say(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
                  f"of {sum(p.numel() for p in model.parameters()):,}")
@@ -204,9 +214,11 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                     if graphed is not None:
                         batch_loss = graphed.run(batch, 1.0 / num_targets)
                     else:
+                        embeds = model.embed(batch.input_ids) if cpu_embeddings else None  # ids still on the host
                         batch = batch.to(device)
                         with autocast() if autocast else contextlib.nullcontext():
-                            hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids)
+                            hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids,
+                                           inputs_embeds=embeds)
                             batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
                         # divide by the targets of the whole accumulated batch: accumulation equals one large batch
                         (batch_loss / num_targets).backward()
