@@ -19,7 +19,8 @@ A search tries its candidates in increasing order and stops at the first out of 
 the fastest (`long`: the longest) of those that ran. `--cands 7b16.lorafit=8,12,16,20` replaces one candidate list
 (an empty list skips the stack there); `--lorafit-flags "long=--offload --mlp-chunk 4096"` replaces lorafit's extra
 bench_train.py flags in one configuration and `--lorafit-flags "all=--cuda-graphs"` appends to every one. Both
-options repeat. `--steps` overrides every configuration's step count (7, `long` 4); tok/s: median of steps 3..N.
+options repeat. `--merge earlier/peers.json` adds another call's rows to the table.
+`--steps` overrides every configuration's step count (7, `long` 4); tok/s: median of steps 3..N.
 
 MFU = tok/s × FLOPs per token / the bf16 matmul rate measured on the same GPU at the start (8192³ matmuls over three
 rotating input pairs, median of CUDA-event timings, in a child process so this one never holds GPU memory).
@@ -48,11 +49,11 @@ PEERS_SITE = "/tmp/peers_site"
 STACKS = ("lorafit", "unsloth", "hf", "liger")
 CONFIGS = {
     "fixed": dict(title="7B 2048 × 2, no cap", model="qwen2.5-7b", cap=0, vary="bs", seq=2048, steps=7,
-                  flags=["--offload"], cands={s: [2] for s in STACKS}),
+                  flags=[], cands={s: [2] for s in STACKS}),
     "7b16": dict(title="7B 2048, 16 GB: best batch", model="qwen2.5-7b", cap=16, vary="bs", seq=2048, steps=7,
-                 flags=["--offload"], cands=dict(lorafit=[8, 12, 16], unsloth=[8, 12], hf=[1, 2], liger=[2, 4])),
+                 flags=[], cands=dict(lorafit=[8, 12, 16], unsloth=[8, 12], hf=[1, 2], liger=[2, 4])),
     "15b12": dict(title="1.5B 1024, 12 GB: best batch", model="qwen2.5-1.5b", cap=12, vary="bs", seq=1024, steps=7,
-                  flags=["--offload"], cands=dict(lorafit=[16, 32, 48], unsloth=[16, 32], hf=[4, 8], liger=[8, 16])),
+                  flags=[], cands=dict(lorafit=[16, 32, 48], unsloth=[16, 32], hf=[4, 8], liger=[8, 16])),
     "long": dict(title="7B batch 1, 16 GB: longest seq", model="qwen2.5-7b", cap=16, vary="seq", bs=1, steps=4,
                  flags=["--offload", "--mlp-chunk", "8192"],
                  cands=dict(lorafit=[65536], unsloth=[32768, 49152], hf=[2048, 4096], liger=[])),
@@ -233,6 +234,8 @@ def main() -> None:
     p.add_argument("--install-peers", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--cands", action="append", default=[], metavar="CONFIG.STACK=V1,V2")
     p.add_argument("--lorafit-flags", action="append", default=[], metavar="CONFIG=FLAGS")
+    p.add_argument("--merge", action="append", default=[], help="add the rows of an earlier peers.json (another call "
+                   "on the same machine) to the table")
     p.add_argument("--measure-rate", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = p.parse_args()
     if args.measure_rate:
@@ -258,6 +261,9 @@ def main() -> None:
         say(f"bf16 matmul rate: {rate / 1e12:.1f} TFLOP/s on {device}" if rate else f"no matmul rate: {out[-500:]}")
     out_dir = Path(args.out)
     rows, runs = [], []
+    for earlier in map(json.loads, map(Path.read_text, map(Path, args.merge))):
+        rows, runs = rows + earlier["rows"], runs + earlier["runs"]
+        rate, device = rate or earlier["matmul_flops"], device or earlier["device"]
 
     def save():
         out_dir.mkdir(parents=True, exist_ok=True)
