@@ -23,13 +23,17 @@ from pathlib import Path
 import yaml
 
 
-def run(workdir: Path, reference: bool, model: str, steps: int) -> list[float]:
+def run(workdir: Path, variant: str, model: str, steps: int) -> list[float]:
+    """variant: fast (every fast kernel, CUDA graphs where train() takes them), eager (fast kernels, no graphs),
+    reference (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin, no graphs)."""
     from lorafit.config import config_to_dict
     from lorafit.demo import demo_config
 
-    out = workdir / ("reference" if reference else "fast")
+    out = workdir / variant
+    reference = variant == "reference"
     cfg = config_to_dict(demo_config(out, "medication", max_steps=steps))
     cfg["model"]["path"] = model
+    cfg["cuda_graphs"] = "off" if variant == "eager" else "auto"
     cfg["eval"].update({"before_training": False, "metrics": [], "every": 0})
     cfg["val_every"] = 0
     config = out / "parity.yaml"
@@ -47,16 +51,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--tolerance", type=float, default=0.03, help="relative, per step")
     parser.add_argument("--workdir", default="/tmp/lorafit_parity")
+    parser.add_argument("--variants", default="fast,reference", help="two of fast, eager, reference: the first is "
+                        "compared with the second")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    fast = run(workdir, False, args.model, args.steps)
-    reference = run(workdir, True, args.model, args.steps)
+    first, second = args.variants.split(",")
+    fast = run(workdir, first, args.model, args.steps)
+    reference = run(workdir, second, args.model, args.steps)
     rel = [abs(a - b) / max(abs(b), 1e-8) for a, b in zip(fast, reference)]
     tail = abs(sum(fast[-5:]) - sum(reference[-5:])) / max(abs(sum(reference[-5:])), 1e-8)
     for step, (a, b) in enumerate(zip(fast, reference), 1):
-        print(f"step {step:3d}  fast {a:.4f}  reference {b:.4f}  rel {abs(a - b) / max(abs(b), 1e-8):.4f}")
+        print(f"step {step:3d}  {first} {a:.4f}  {second} {b:.4f}  rel {abs(a - b) / max(abs(b), 1e-8):.4f}")
     agree = len(fast) == len(reference) == args.steps and max(rel) <= args.tolerance and tail <= args.tolerance / 3
-    print("RESULT", json.dumps({"steps": len(fast), "max_rel": round(max(rel), 5), "last5_rel": round(tail, 5),
+    print("RESULT", json.dumps({"variants": [first, second],
+                                "steps": len(fast), "max_rel": round(max(rel), 5), "last5_rel": round(tail, 5),
                                 "first": [round(fast[0], 4), round(reference[0], 4)],
                                 "last": [round(fast[-1], 4), round(reference[-1], 4)], "agree": agree}))
 
