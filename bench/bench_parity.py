@@ -1,14 +1,17 @@
 """Issue 8's numerics check: the fast path and its plain-PyTorch twins train the same loss curve.
 
-    python bench/bench_parity.py [--model bundled|DIR] [--steps 50] [--tolerance 0.03]
+    python bench/bench_parity.py [--model bundled|DIR] [--steps 50] [--tolerance 0.03] [--variants fast,reference]
 
 Runs the demo's medication task (QLoRA r=16 on the bundled SmolLM2-135M-Instruct unless --model says otherwise)
 for STEPS optimizer steps twice, in two processes: once as is (Triton NF4 dequantize, fused LoRA Function, compiled
 RMSNorm/RoPE/SwiGLU, the gradient-in-forward LM head on CUDA) and once with LORAFIT_REFERENCE_KERNELS=1 (every
-twin). Same seed, data order and settings; evaluation off. Prints both curves, the largest relative difference of a
-step's loss, and `RESULT {json}` with `agree` = every step within --tolerance (relative) and the last five steps'
-mean within a third of it. On the CPU the fast run still takes the fused LoRA Function and the gradient-in-forward
-head (with reference kernels inside): 2 steps on the bundled model agreed to 1e-5 there. The real check is on a GPU.
+twin). Same seed, data order and settings; evaluation off. Prints both curves and `RESULT {json}` with `agree` =
+every step's loss within --tolerance x the first step's loss (absolute) and the last ten steps' mean within
+--tolerance (relative). Not a per-step relative bound: bf16 training on a GPU is not bit-reproducible (atomics in
+attention's backward), and two runs of the reference itself differed by up to 10.6% at a step whose loss was 0.02
+(H100, bench/results/h100_parity_2026-11-23_session3_*). On the CPU the fast run still takes the fused LoRA
+Function and the gradient-in-forward head (with reference kernels inside): 2 steps on the bundled model agreed to
+1e-5 there. The real check is on a GPU (bench/gpu_parity.sh).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import yaml
 
 
 def run(workdir: Path, variant: str, model: str, steps: int) -> list[float]:
-    """variant: fast (every fast kernel, CUDA graphs where train() takes them), eager (fast kernels, no graphs),
-    reference (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin, no graphs)."""
+    """variant: fast (every fast kernel, as `lorafit train` runs by default), graphs (fast kernels replayed as a
+    CUDA graph: cuda_graphs on), reference (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin)."""
     from lorafit.config import config_to_dict
     from lorafit.demo import demo_config
 
@@ -33,7 +36,7 @@ def run(workdir: Path, variant: str, model: str, steps: int) -> list[float]:
     reference = variant == "reference"
     cfg = config_to_dict(demo_config(out, "medication", max_steps=steps))
     cfg["model"]["path"] = model
-    cfg["cuda_graphs"] = "off" if variant == "eager" else "auto"
+    cfg["cuda_graphs"] = "on" if variant == "graphs" else "off"
     cfg["eval"].update({"before_training": False, "metrics": [], "every": 0})
     cfg["val_every"] = 0
     config = out / "parity.yaml"
@@ -49,22 +52,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--tolerance", type=float, default=0.03, help="relative, per step")
+    parser.add_argument("--tolerance", type=float, default=0.03, help="see the module docstring")
     parser.add_argument("--workdir", default="/tmp/lorafit_parity")
-    parser.add_argument("--variants", default="fast,reference", help="two of fast, eager, reference: the first is "
+    parser.add_argument("--variants", default="fast,reference", help="two of fast, graphs, reference: the first is "
                         "compared with the second")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     first, second = args.variants.split(",")
     fast = run(workdir, first, args.model, args.steps)
     reference = run(workdir, second, args.model, args.steps)
-    rel = [abs(a - b) / max(abs(b), 1e-8) for a, b in zip(fast, reference)]
-    tail = abs(sum(fast[-5:]) - sum(reference[-5:])) / max(abs(sum(reference[-5:])), 1e-8)
+    worst = max(abs(a - b) for a, b in zip(fast, reference))
+    tail = abs(sum(fast[-10:]) - sum(reference[-10:])) / max(abs(sum(reference[-10:])), 1e-8)
     for step, (a, b) in enumerate(zip(fast, reference), 1):
         print(f"step {step:3d}  {first} {a:.4f}  {second} {b:.4f}  rel {abs(a - b) / max(abs(b), 1e-8):.4f}")
-    agree = len(fast) == len(reference) == args.steps and max(rel) <= args.tolerance and tail <= args.tolerance / 3
+    agree = len(fast) == len(reference) == args.steps and worst <= args.tolerance * reference[0] \
+        and tail <= args.tolerance
     print("RESULT", json.dumps({"variants": [first, second],
-                                "steps": len(fast), "max_rel": round(max(rel), 5), "last5_rel": round(tail, 5),
+                                "steps": len(fast), "max_abs": round(worst, 5), "last10_rel": round(tail, 5),
                                 "first": [round(fast[0], 4), round(reference[0], 4)],
                                 "last": [round(fast[-1], 4), round(reference[-1], 4)], "agree": agree}))
 

@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs to CPU memory")
     parser.add_argument("--mlp-chunk", type=int, default=0, help="tile the MLP over this many tokens")
-    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+    parser.add_argument("--cuda-graphs", default="off", choices=["on", "off"],
                         help="record the micro-step as a CUDA graph (config cuda_graphs)")
     parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
     parser.add_argument("--gpu-memory", default=None, help="fit the run to this budget as `lorafit train` does")

@@ -151,7 +151,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.seed, pad_id)
     graphed = None  # the micro-step as a recorded CUDA graph (train/graphs.py)
     why_not = graphs_unavailable(cfg, device, d.world, loaded.streamer is not None)
-    if cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cfg.data.packing):
+    if cfg.cuda_graphs == "on":
         if why_not is None:
             graphed = GraphedMicroStep(model, trainable, torch.bfloat16, progress.say)
             stream.pad_to = cfg.data.max_length  # one shape to record
