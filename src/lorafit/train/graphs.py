@@ -2,9 +2,13 @@
 that shape.
 
 Why: with NF4 dequantization, the fused LoRA Function, compiled norms and the CE kernel, a QLoRA micro-step of a
-28-layer model is ~5,000 kernel launches, and Python issuing them (~0.59 s for Qwen2.5-1.5B at 16 x 1024 on the
-H100) takes longer than the GPU running them (~0.37 s): the GPU waits for the CPU. A replay issues the whole
-recorded micro-step in one call.
+28-layer model is ~5,000 kernel launches, and where Python issues them more slowly than the GPU runs them the GPU
+waits. A replay issues the whole recorded micro-step in one call. Measured on the H100 through train(): Qwen2.5-7B
+at 2 x 2048 +14% (9,177 -> 10,434 tok/s), Qwen2.5-1.5B at 16 x 1024 +2% (already GPU-bound).
+
+Experimental (config `cuda_graphs`, off by default): in the 50-step parity run on the bundled model the graph runs
+reported a wrong loss (3-4x) on 2-4 steps of 50, at different steps in each run, while the eager fast path agreed
+with the reference (BENCHMARKS.md). The cause is not found yet.
 
 What a recording needs, and how it gets it here:
 - one shape and no host waits: packed micro-batches padded to `data.max_length`, and a loss over every position
