@@ -88,8 +88,8 @@ class GraphedMicroStep:
         if rec is None or key != self.key:
             return self._forward_backward(self._inputs(batch), self._scalar(inv_targets))
         host = self._host_inputs(batch)
-        for name, tensor in rec.inputs.items():
-            tensor.copy_(host[name], non_blocking=True)
+        for name, tensor in rec.inputs.items():  # blocking: the inputs are small, and nothing may race the replay
+            tensor.copy_(host[name])
         rec.inv_targets.fill_(inv_targets)
         rec.graph.replay()
         return rec.loss
