@@ -150,12 +150,12 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     pad_id = tokenizer.pad_token_id
     stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.seed, pad_id)
     graphed = None  # the micro-step as a recorded CUDA graph (train/graphs.py)
-    why_not = graphs_unavailable(cfg, device, d.world, loaded.streamer is not None)
     if cfg.cuda_graphs == "on":
+        why_not = graphs_unavailable(cfg, device, d.world, loaded.streamer is not None)
         if why_not is None:
             graphed = GraphedMicroStep(model, trainable, torch.bfloat16, progress.say)
             stream.pad_to = cfg.data.max_length  # one shape to record
-        elif cfg.cuda_graphs == "on":
+        else:
             progress.say(f"cuda_graphs on, but not for this run: {why_not}")
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum * d.world
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
