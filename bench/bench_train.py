@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs to CPU memory")
     parser.add_argument("--mlp-chunk", type=int, default=0, help="tile the MLP over this many tokens")
+    parser.add_argument("--kept-layers", type=int, default=0, help="the last N layers are not checkpointed")
     parser.add_argument("--cuda-graphs", default="off", choices=["on", "off"],
                         help="record the micro-step as a CUDA graph (config cuda_graphs)")
     parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
@@ -125,7 +126,8 @@ def main() -> None:
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "eval": {"before_training": False},
         "output_dir": str(work / "run"), "max_steps": args.steps, "micro_batch_size": args.batch,
         "learning_rate": 2e-4, "gradient_checkpointing": not args.no_checkpointing,
-        "offload_checkpoints": args.offload, "mlp_chunk_tokens": args.mlp_chunk, "optimizer": "paged_adamw_8bit",
+        "offload_checkpoints": args.offload, "mlp_chunk_tokens": args.mlp_chunk,
+        "kept_layers": args.kept_layers, "optimizer": "paged_adamw_8bit",
         "warmup_ratio": 0.0, "gpu_memory": args.gpu_memory, "cuda_graphs": args.cuda_graphs,
     })
     status = "ok"
@@ -145,14 +147,14 @@ def main() -> None:
         if run_json.is_file():
             c = json.loads(run_json.read_text())["config"]
             extra["chosen"] = {"micro_batch_size": c["micro_batch_size"], "grad_accum": c["grad_accum"],
-                               "gradient_checkpointing": c["gradient_checkpointing"],
+                               "gradient_checkpointing": c["gradient_checkpointing"], "kept_layers": c["kept_layers"],
                                "max_length": c["data"]["max_length"], "stream_layers": c["model"]["stream_layers"],
                                "resident_layers": c["model"]["resident_layers"]}
     if args.segments:
         write_segments(Path(args.segments))
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs, kept_layers=args.kept_layers,
         model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),

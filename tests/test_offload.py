@@ -45,3 +45,29 @@ def test_offloaded_checkpoint_equals_plain_and_checkpointed(tmp_path, dropout):
     if dropout:  # dropout was live: another seed gives other gradients
         other = loss_and_grads(model, ids, seed=6)[1]
         assert any(not torch.allclose(other[k], plain_grads[k]) for k in plain_grads)
+
+
+def test_kept_layers_train_like_checkpointed_ones(tmp_path):
+    """kept_layers: the last layers skip checkpointing (with and without offloaded checkpoints for the others):
+    same loss and gradients as checkpointing every layer."""
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2", num_hidden_layers=3)
+    model = load_model(str(folder), quantize=True).model
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    model.train()
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    calls = [0, 0, 0]  # forward passes per layer: 2 when recomputed in backward, 1 when kept
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    runs, counted = {}, {}
+    for name, offload, kept in (("all", False, 0), ("kept1", False, 1), ("kept2+offload", True, 2)):
+        model.gradient_checkpointing, model.offload_checkpoints, model.kept_layers = True, offload, kept
+        calls[:] = [0, 0, 0]
+        runs[name] = loss_and_grads(model, ids, seed=3)
+        counted[name] = list(calls)
+    assert counted == {"all": [2, 2, 2], "kept1": [2, 2, 1], "kept2+offload": [2, 1, 1]}
+    loss, grads = runs["all"]
+    assert len(grads) == 3 * 7 * 2
+    for name in ("kept1", "kept2+offload"):
+        torch.testing.assert_close(runs[name][0], loss)
+        for key, grad in grads.items():
+            torch.testing.assert_close(runs[name][1][key], grad, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from lorafit.plan.fit import fit_to_budget, make_plan, need, run_from_config
 from lorafit.plan.memory import Run, blk, estimate, nf4_bytes, optimizer_bytes
 from lorafit.plan.presets import (
     ALL_LINEAR,
+    Card,
     PlanError,
     Shape,
     budget_bytes,
@@ -107,6 +108,35 @@ def test_arithmetic_equals_lorafit_traced_on_meta(method, seq, batch, ckpt):
     run = Run(method, seq, batch, ckpt)
     traced = trace_step(ODD, run).peak + 2 * 32 * 2**20  # the two cuBLAS workspaces are not tensors
     assert estimate(ODD, run).allocated == pytest.approx(traced, rel=0.005)
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_kept_layers_in_formulas_and_trace(method):
+    """kept_layers: the last layers keep their activations (no recomputation). Formulas equal the trace of the real
+    code; keeping one layer costs nothing at the peak (the recomputed last layer holds as much), each more one costs
+    a layer's saved activations, and keeping all equals checkpointing off."""
+    from lorafit.plan.trace import trace_step
+
+    shape = replace(ODD, layers=3)
+    peaks = []
+    for kept in (0, 1, 2, 3):
+        run = Run(method, 600, 2, True, kept_layers=kept)
+        traced = trace_step(shape, run).peak + 2 * 32 * 2**20
+        peaks.append(estimate(shape, run).allocated)
+        assert peaks[-1] == pytest.approx(traced, rel=0.005)
+    assert peaks[0] == peaks[1] < peaks[2] < peaks[3] == estimate(shape, Run(method, 600, 2, False)).allocated
+
+
+def test_fastest_spends_spare_memory_on_kept_layers():
+    """Qwen2.5-1.5B at 16 x 1024 in a 12 GiB budget: checkpointing with some of the last layers kept, as many as
+    fit (one more does not), and faster than keeping none."""
+    from lorafit.plan.fit import fastest, speed
+
+    shape, budget = shape_from_preset("qwen2.5-1.5b"), Card("b", "12 GiB", 12 * 2**30, "sm90", context_bytes=0)
+    choice = fastest(shape, Run("qlora", 1024, 16, True), budget, 16)
+    assert choice.run.checkpointing and 1 <= choice.run.kept_layers < shape.layers and choice.plan.fits
+    assert not make_plan(shape, replace(choice.run, kept_layers=choice.run.kept_layers + 1), budget).fits
+    assert speed(choice.run, shape.layers) > speed(replace(choice.run, kept_layers=0), shape.layers)
 
 
 def test_embedding_table_in_cpu_memory_leaves_the_gpu_plan_and_trace():

@@ -130,6 +130,9 @@ class Config:
         "auto: paged 8-bit AdamW on GPU, AdamW on CPU", default="auto")
     gradient_checkpointing: bool = _help("recompute layer activations in backward: far less memory, ~30% slower",
                                          default=True)
+    kept_layers: int = _help("with gradient_checkpointing, the last N decoder layers keep their activations instead of "
+                             "recomputing them: faster, more memory (--gpu-memory sets it from the spare memory)",
+                             default=0)
     offload_checkpoints: bool = _help("with gradient_checkpointing, keep each layer's saved input in pinned CPU "
                                       "memory (copied on a side stream): long sequences fit", default=False)
     mlp_chunk_tokens: int = _help("> 0: run each MLP over this many tokens at a time in training, keeping only its "
@@ -137,7 +140,7 @@ class Config:
     cuda_graphs: Literal["off", "on"] = _help(
         "experimental: record the training micro-step as a CUDA graph and replay it (the GPU no longer waits for "
         "Python to issue thousands of kernels; one GPU, lora.dropout 0, batches padded to data.max_length). Off by "
-        "default: on the H100 it also reported a wrong loss on 3 of 100 steps (see BENCHMARKS.md)", default="off")
+        "default: on the H100 its runs reported a wrong loss on 2-4 of 50 steps (see BENCHMARKS.md)", default="off")
     max_bad_steps: int = _help("stop after this many NaN/Inf steps in a row (each one is skipped)", default=5)
     seed: int = _help("seed for data order, adapter init and dropout", default=0)
     device: str = _help("auto, cpu, cuda or cuda:N", default="auto")
@@ -166,6 +169,8 @@ class Config:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
+        if self.kept_layers < 0:
+            raise ConfigError(f"kept_layers must be >= 0, got {self.kept_layers}")
         if self.cuda_graphs == "on":
             conflicts = {"method full": self.method == "full", "lora.dropout > 0": self.lora.dropout > 0,
                          "offload_checkpoints": self.offload_checkpoints, "mlp_chunk_tokens": self.mlp_chunk_tokens > 0}

@@ -210,6 +210,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.offload_checkpoints = False  # with checkpointing: keep the saved layer inputs in CPU memory
+        self.kept_layers = 0  # with checkpointing: the last N layers keep their activations (no recomputation)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings on the compute device. A table kept in CPU memory (`embeddings_on_cpu`) is read there
@@ -235,15 +236,16 @@ class CausalLM(nn.Module):
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         if offload is not None and not x.requires_grad:
             x = x.detach().requires_grad_(True)  # the reentrant form runs backward only for inputs that need grad
+        first_kept = len(self.model.layers) - self.kept_layers
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.for_layer(i) if cache is not None else None
-            if offload is not None:
+            if not checkpoint or i >= first_kept:
+                x = layer(x, cos, sin, mask, layer_cache)
+            elif offload is not None:
                 x = OffloadedCheckpoint.apply(layer, i, offload, x, cos, sin, mask)
-            elif checkpoint:  # a CUDA graph capture cannot read RNG state; it runs only without dropout
+            else:  # a CUDA graph capture cannot read RNG state; it runs only without dropout
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False,
                                                       preserve_rng_state=not capturing)
-            else:
-                x = layer(x, cos, sin, mask, layer_cache)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from lorafit.plan.memory import (
     Run,
     blk,
     layer_saved_per_token,
+    layers_kept,
     stream_layer_bytes,
     stream_slots,
 )
@@ -96,10 +97,11 @@ def persistent_sizes(shape: Shape, run: Run) -> list[int]:
 def activation_slack(shape: Shape, run: Run) -> int:
     """Without checkpointing, every layer's saved tensors stay alive to the backward: those of 1-10 MiB are packed
     into 20 MiB segments like the persistent tensors, and what a segment cannot fit is lost until the backward."""
-    if run.checkpointing:
+    kept = layers_kept(shape, run)
+    if not kept:
         return 0
     saved = layer_saved_per_token(shape, run, 2)
-    sizes = [per_token * run.tokens for group in saved.values() for per_token in group] * shape.layers
+    sizes = [per_token * run.tokens for group in saved.values() for per_token in group] * kept
     return max(0, packed(sizes) - sum(blk(s) for s in sizes))
 
 
@@ -112,13 +114,14 @@ def reserved(shape: Shape, run: Run, est: Estimate) -> int:
     M, inter = run.tokens, shape.intermediate
     sizes = persistent_sizes(shape, run)
     slack = max(0, packed(sizes) - sum(blk(s) for s in sizes)) + activation_slack(shape, run)
-    forward = int(FORWARD_CACHED[run.checkpointing] * blk(2 * inter * M))
+    kept = layers_kept(shape, run)
+    forward = int(FORWARD_CACHED[kept < shape.layers] * blk(2 * inter * M))
     if run.method == "qlora":  # the bf16 copy of the largest linear made while quantizing, unless reused later
         w = blk(2 * max(i * o for _, i, o, _ in shape.linears()))
         slack += max(0, segment(w) - forward)
         u = blk(2 * inter * M)
-        if not run.checkpointing and u < w < 2 * u:  # a saved [tokens, I] takes each layer's freed dequantized MLP
-            slack += shape.layers * (w - u)  # weight block and strands the rest: the next weight needs a new segment
+        if kept and u < w < 2 * u:  # a saved [tokens, I] takes each kept layer's freed dequantized MLP weight
+            slack += kept * (w - u)  # block and strands the rest: the next weight needs a new segment
     at_loss = est.moments["loss"] + slack + forward
     if run.method == "full":  # the recomputed fp32 loss chunks (train/loss.py): their segments, and the bf16 logits'
         N = run.target_tokens

@@ -64,9 +64,23 @@ def make_plan(shape: Shape, run: Run, card: Card) -> Plan:
     return Plan(shape, run, card, est, recipe)
 
 
-def speed(run: Run) -> float:
-    """Relative training throughput (tokens/s up to a constant) of a micro-batch setting; see SATURATION_TOKENS."""
-    return run.tokens / (run.tokens + SATURATION_TOKENS) * (CHECKPOINT_SPEED if run.checkpointing else 1.0)
+def speed(run: Run, layers: int) -> float:
+    """Relative training throughput (tokens/s up to a constant) of a micro-batch setting; see SATURATION_TOKENS.
+    Each recomputed layer adds its share of CHECKPOINT_SPEED's cost (kept layers are not recomputed)."""
+    recomputed = 0 if not run.checkpointing else max(0, layers - run.kept_layers) / layers
+    return run.tokens / (run.tokens + SATURATION_TOKENS) / (1 + (1 / CHECKPOINT_SPEED - 1) * recomputed)
+
+
+def most_kept_layers(shape: Shape, run: Run, card: Card) -> Plan | None:
+    """The plan of `run` (checkpointing on) with as many of the last layers kept, not recomputed, as fit; None if
+    nothing fits. Memory grows with every kept layer, so a bisection finds the most."""
+    lo, hi = -1, shape.layers - 1  # kept_layers == layers is checkpointing off: its own candidate
+    plans = {}
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        plans[mid] = make_plan(shape, replace(run, kept_layers=mid), card)
+        lo, hi = (mid, hi) if plans[mid].fits else (lo, mid - 1)
+    return plans.get(lo)  # computed whenever lo >= 0: lo only moves to a plan that fits
 
 
 @dataclass
@@ -82,7 +96,7 @@ def candidate_runs(run: Run, effective: int):
         if b > effective or effective % b or (b * run.seq > max(MAX_CHOSEN_TOKENS, run.tokens)):
             continue
         for ckpt in (False, True):
-            yield replace(run, batch=b, checkpointing=ckpt, grad_accum=effective // b)
+            yield replace(run, batch=b, checkpointing=ckpt, grad_accum=effective // b, kept_layers=0)
 
 
 def fastest(shape: Shape, run: Run, card: Card, effective_batch: int | None = None) -> Choice | None:
@@ -90,9 +104,11 @@ def fastest(shape: Shape, run: Run, card: Card, effective_batch: int | None = No
     the effective batch; None if nothing fits at this sequence length."""
     best = None
     for candidate in candidate_runs(run, effective_batch or run.batch):
-        plan = make_plan(shape, candidate, card)
-        if plan.fits and (best is None or speed(candidate) > speed(best.run)):
-            best = Choice(candidate, candidate.grad_accum, plan)
+        plan = most_kept_layers(shape, candidate, card) if candidate.checkpointing else make_plan(shape, candidate,
+                                                                                                  card)
+        if plan is not None and plan.fits and (best is None or speed(plan.run, shape.layers) > speed(
+                best.run, shape.layers)):
+            best = Choice(plan.run, plan.run.grad_accum, plan)
     return best
 
 
@@ -114,7 +130,7 @@ def run_from_config(cfg) -> tuple[Shape, Run, int]:
     shape = resolve_model(cfg.model.path)
     optimizer = "paged_adamw_8bit" if cfg.optimizer == "auto" else cfg.optimizer
     run = Run(cfg.method, cfg.data.max_length, cfg.micro_batch_size, cfg.gradient_checkpointing, cfg.grad_accum,
-              cfg.lora.r, tuple(cfg.lora.target_modules), cfg.data.packing, optimizer,
+              cfg.lora.r, tuple(cfg.lora.target_modules), cfg.data.packing, optimizer, kept_layers=cfg.kept_layers,
               eval=bool(cfg.data.val or cfg.data.val_ratio > 0),  # train() then evaluates the loss before and after
               embeddings_on_cpu=wants_cpu_embeddings(cfg.model.embeddings_on_cpu, shape.tied, cfg.method))
     return shape, run, cfg.micro_batch_size * cfg.grad_accum
@@ -153,7 +169,7 @@ def fit_to_budget(cfg, budget_bytes: int) -> dict:
             raise PlanError(f"{shape.name} ({run.method}) does not fit {card.name} even at 256 tokens per row")
         choice = fastest(shape, replace(run, seq=seq), card, effective)
     out = {"micro_batch_size": choice.run.batch, "grad_accum": choice.grad_accum,
-           "gradient_checkpointing": choice.run.checkpointing}
+           "gradient_checkpointing": choice.run.checkpointing, "kept_layers": choice.run.kept_layers}
     if seq != run.seq:
         out["data"] = {"max_length": seq}
     return out

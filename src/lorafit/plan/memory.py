@@ -65,6 +65,7 @@ class Run:
     resident_layers: int | None = None  # QLoRA layer streaming: decoder layers kept on the GPU (None: all)
     eval: bool = False  # validation loss computed (data.val or data.val_ratio): a no-grad pass with fp32 logits
     embeddings_on_cpu: bool = False  # the untied input embedding table stays in CPU memory (model.embeddings_on_cpu)
+    kept_layers: int = 0  # with checkpointing, the last N layers keep their activations (config kept_layers)
 
     @property
     def tokens(self) -> int:
@@ -126,6 +127,11 @@ def stream_layer_bytes(shape: Shape) -> int:
 def stream_slots(shape: Shape, resident: int | None) -> int:
     """GPU slot buffers of layer streaming: two (double buffering), fewer when fewer layers stream."""
     return 0 if resident is None else min(2, max(0, shape.layers - resident))
+
+
+def layers_kept(shape: Shape, run: Run) -> int:
+    """Decoder layers whose activations stay alive to the backward: all without checkpointing, else the kept ones."""
+    return shape.layers if not run.checkpointing else min(run.kept_layers, shape.layers)
 
 
 def weight_lines(shape: Shape, method: str, resident: int | None = None, embeddings_on_cpu: bool = False) -> list[Line]:
@@ -302,17 +308,19 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     batch_ints = 3 * blk(8 * M)  # input ids, labels, positions (int64)
     common = [Line("activations", "rope cos/sin, token ids, labels, positions", rope + batch_ints, ""),
               Line("activations", "final hidden state (the loop holds it)", blk(act * H * M), "")]
-    if run.checkpointing:
-        common.insert(0, Line("activations", f"checkpointed layer inputs ({L} layers)", L * layer_input,
-                              f"{res} x hidden bytes per token per layer"))
-    else:
+    K = layers_kept(shape, run)
+    if K:
         # the first layer's input norm saves nothing: with a frozen embedding its input needs no gradient
-        first = 0 if full else layer_input + blk(4 * M)
-        common.insert(0, Line("activations", f"saved activations ({L} layers, no checkpointing)",
-                              L * saved_layer - first, f"{saved_tok:,} bytes per token per layer"))
-    if full and not run.checkpointing:  # autocast's bf16 weight copies, saved by every linear for its backward
+        first = 0 if full or K < L else layer_input + blk(4 * M)
+        which = "no checkpointing" if K == L else "the last ones, not recomputed"
+        common.insert(0, Line("activations", f"saved activations ({K} layers, {which})",
+                              K * saved_layer - first, f"{saved_tok:,} bytes per token per layer"))
+    if K < L:
+        common.insert(0, Line("activations", f"checkpointed layer inputs ({L - K} layers)", (L - K) * layer_input,
+                              f"{res} x hidden bytes per token per layer"))
+    if full and K:  # autocast's bf16 weight copies, saved by every linear for its backward
         common.append(Line("activations", "bf16 casts of every linear weight (autocast)",
-                           L * sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
+                           K * sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
     grads = sum(blk(4 * n) for n in tensors)
     if run.grad_accum > 1:  # the earlier micro-batches' gradients wait for the optimizer step
         common.append(Line("trainable", "gradients of earlier micro-batches (fp32)", grads, "accumulation"))
@@ -352,7 +360,7 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
                    Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),
                         layer_extra, "SwiGLU's backward: product, gate and up gradients while gate and up live"),
                    Line("activations", "gradient flowing back", blk(res * H * M), "")]
-    if not run.checkpointing:
+    if K:  # the first layer backward reaches keeps its activations (they are in `common`): nothing recomputed yet
         layer_lines = layer_lines[1:]
     elif full:  # the recomputed layer casts its weights to bf16 again
         layer_lines.append(Line("activations", "bf16 casts of the layer's weights (autocast)",

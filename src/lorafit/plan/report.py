@@ -124,11 +124,13 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
         out["fastest"] = None
         return out
     c = choice.run
+    kept = f" --kept-layers {c.kept_layers}" if c.checkpointing else ""
     console.print(f"fastest that fits: --micro-batch-size {c.batch} --grad-accum {choice.grad_accum} "
-                  f"--gradient-checkpointing {str(c.checkpointing).lower()} --data.max-length {c.seq} "
+                  f"--gradient-checkpointing {str(c.checkpointing).lower()}{kept} --data.max-length {c.seq} "
                   f"(needs {gib(choice.plan.needed)} of {gib(card.budget)} GiB)")
     out["fastest"] = {"micro_batch_size": c.batch, "grad_accum": choice.grad_accum,
-                      "gradient_checkpointing": c.checkpointing, "max_length": max_length}
+                      "gradient_checkpointing": c.checkpointing, "kept_layers": c.kept_layers,
+                      "max_length": max_length}
     return out
 
 

@@ -286,6 +286,7 @@ def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
     """Allocation events of loading plus `steps` training steps of lorafit's real code, on the meta device."""
     model = meta_model(shape, run)
     model.gradient_checkpointing = run.checkpointing
+    model.kept_layers = run.kept_layers
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     cpu_table = run.embeddings_on_cpu and not shape.tied  # its looked-up rows still land on the GPU, as here

@@ -74,7 +74,8 @@ def fit_to_gpu_budget(cfg: Config, device: torch.device, progress: Progress) -> 
     streaming = f", {cfg.model.resident_layers} decoder layers resident, the rest streamed from CPU memory"
     progress.say(f"gpu memory {cfg.gpu_memory} ({budget / 2**30:.1f} GiB): micro_batch_size {cfg.micro_batch_size}, "
                  f"grad_accum {cfg.grad_accum}, gradient_checkpointing {cfg.gradient_checkpointing}, "
-                 f"max_length {cfg.data.max_length}" + (streaming if cfg.model.stream_layers == "on" else ""))
+                 f"kept_layers {cfg.kept_layers}, max_length {cfg.data.max_length}"
+                 + (streaming if cfg.model.stream_layers == "on" else ""))
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has no index
         total = torch.cuda.get_device_properties(index).total_memory
@@ -129,6 +130,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
         model.requires_grad_(True)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_checkpoints = cfg.offload_checkpoints
+    model.kept_layers = cfg.kept_layers
     for layer in model.model.layers:
         layer.mlp.chunk_tokens = cfg.mlp_chunk_tokens
     d = distributed.prepare(model, cfg, d, device, progress.say)  # several processes: data parallel or FSDP2
