@@ -55,6 +55,28 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny
     torch.testing.assert_close(torch.tensor(losses(result)), torch.tensor(losses(reference)), rtol=1e-5, atol=1e-6)
 
 
+def test_out_of_memory_first_gives_back_the_kept_layers(tiny, monkeypatch):
+    """kept_layers (chosen from the plan's spare memory): an out-of-memory step first recomputes every layer again,
+    keeping the micro-batch, and trains exactly as a run that never kept any."""
+    tmp, folder, data = tiny
+    settings = dict(micro_batch_size=2, grad_accum=1, max_steps=4, gradient_checkpointing=True,
+                    lora={"r": 4, "alpha": 8, "dropout": 0.0})  # the failed attempt would draw dropout masks
+    reference = train(tiny_config(tmp / "ref", folder, data, **settings), Progress(quiet=True))
+    real_loss = loop_module.target_loss_sum
+
+    def out_of_memory_while_layers_are_kept(model, hidden, labels, *args):
+        if model.kept_layers:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_loss(model, hidden, labels, *args)
+
+    monkeypatch.setattr(loop_module, "target_loss_sum", out_of_memory_while_layers_are_kept)
+    progress, output = captured_progress()
+    result = train(tiny_config(tmp / "kept", folder, data, kept_layers=2, **settings), progress)
+    text = output.getvalue()
+    assert "kept_layers 2 -> 0" in text and "micro-batch now" not in text
+    torch.testing.assert_close(torch.tensor(losses(result)), torch.tensor(losses(reference)), rtol=1e-6, atol=1e-7)
+
+
 def test_out_of_memory_at_one_row_is_a_clear_error(tiny, monkeypatch):
     tmp, folder, data = tiny
 

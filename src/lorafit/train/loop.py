@@ -242,6 +242,11 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                                                              out_of_memory, stop.requested])
             if oom_ranks:  # every rank retries the step together
                 optimizer.zero_grad(set_to_none=graphed is None)
+                if model.kept_layers and model.gradient_checkpointing:  # first give back the memory they keep
+                    progress.say(f"out of GPU memory at step {step + 1}: every layer recomputed now (kept_layers "
+                                 f"{model.kept_layers} -> 0); retrying the step")
+                    model.kept_layers = 0
+                    continue
                 if micro_batch_size == 1:
                     raise LorafitError("out of GPU memory at micro-batch 1: shorten data.max_length, turn on "
                                        "gradient_checkpointing, or use method qlora (see `lorafit plan`)") from None
