@@ -115,3 +115,29 @@ def test_recorded_micro_steps_equal_eager_ones_across_optimizer_steps(tmp_path, 
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     graphed.release()
     assert graphed.recording is None
+
+
+@pytest.mark.gpu
+@cuda
+def test_many_replays_report_the_eager_loss(tmp_path):
+    """The symptom seen on the H100 (a wrong loss on a few steps of 50, at different steps each run) as a test: 60
+    packed micro-batches of fresh data, no optimizer step, so every replay must give exactly the eager loss."""
+    from lorafit.train.graphs import GraphedMicroStep
+
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2", hidden_size=256, intermediate_size=704, num_hidden_layers=4)
+    model = load_model(str(folder), torch.device("cuda"), torch.bfloat16, quantize=True).model
+    apply_lora(model, LoraConfig(r=8, alpha=16))
+    model.gradient_checkpointing = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphed = GraphedMicroStep(model, params, torch.bfloat16, say=pytest.fail)
+    wrong = []
+    for i in range(60):
+        batch = random_batch(100 + i, rows=4, width=256)
+        replayed = graphed.run(batch, 1.0).item()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = model(batch.input_ids.cuda(), position_ids=batch.position_ids.cuda())
+            eager = every_position_loss_sum(model, hidden, batch.labels.cuda()).item()
+        if replayed != pytest.approx(eager, rel=1e-4):
+            wrong.append((i, replayed, eager))
+    assert graphed.recording is not None and not wrong
