@@ -58,7 +58,7 @@ CONFIGS = {
                  flags=["--offload", "--mlp-chunk", "8192"],
                  # few, huge tensors of many sizes: at 65,536 tokens the default allocator held 15.84 GiB for 13.25
                  lorafit_env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
-                 cands=dict(lorafit=[65536], unsloth=[32768, 49152], hf=[2048, 4096], liger=[])),
+                 cands=dict(lorafit=[65536, 98304], unsloth=[32768, 49152], hf=[2048, 4096], liger=[])),
 }
 
 

@@ -103,8 +103,8 @@ def test_dry_run_lists_the_commands():
           for b in (16, 32, 48)),
         *(f"[15b12 unsloth] CAP_GB=12 STEPS=7 PYTHONPATH=/tmp/peers_site:$PYTHONPATH python "
           f"{bp.anchor_path().relative_to(ROOT)} unsloth qwen2.5-1.5b 1024 {b}" for b in (16, 32)),
-        "[long lorafit] PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python bench/bench_train.py qwen2.5-7b "
-        "65536 1 --cap-gb 16 --steps 4 --offload --mlp-chunk 8192",
+        *(f"[long lorafit] PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python bench/bench_train.py qwen2.5-7b "
+          f"{s} 1 --cap-gb 16 --steps 4 --offload --mlp-chunk 8192" for s in (65536, 98304)),
         *(f"[long unsloth] CAP_GB=16 STEPS=4 PYTHONPATH=/tmp/peers_site:$PYTHONPATH python "
           f"{bp.anchor_path().relative_to(ROOT)} unsloth qwen2.5-7b {s} 1" for s in (32768, 49152)),
     ]

@@ -71,3 +71,37 @@ def test_kept_layers_train_like_checkpointed_ones(tmp_path):
         torch.testing.assert_close(runs[name][0], loss)
         for key, grad in grads.items():
             torch.testing.assert_close(runs[name][1][key], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_mlp_also_tiles_without_gradient(tmp_path):
+    """An offloaded checkpoint runs its layer's forward without gradient: the MLP must be tiled there too (untiled,
+    Qwen2.5-7B at 65,536 tokens held 7 GiB of [tokens, intermediate] tensors: the out-of-memory of issue 8's run).
+    No op may produce a [all tokens, intermediate] tensor, and the output equals the untiled one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+    model = load_model(str(folder), quantize=False).model
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 40, 64)
+    with torch.no_grad():
+        plain = mlp.plain_forward(x)
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.seen.append(tuple(out.shape))
+            return out
+
+    mlp.chunk_tokens = 8
+    shapes = Shapes()
+    with torch.no_grad(), shapes:
+        tiled = mlp(x)
+    intermediate = mlp.gate_proj.out_features
+    assert (8, intermediate) in shapes.seen
+    assert not any(s[-1] == intermediate and 40 in s for s in shapes.seen)
+    torch.testing.assert_close(tiled, plain)
