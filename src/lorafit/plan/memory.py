@@ -306,8 +306,7 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     layer_input = blk(res * H * M)
     rope = 2 * blk(act * M * shape.head_dim)  # cos and sin [B, T, head_dim], shared by every layer
     batch_ints = 3 * blk(8 * M)  # input ids, labels, positions (int64)
-    common = [Line("activations", "rope cos/sin, token ids, labels, positions", rope + batch_ints, ""),
-              Line("activations", "final hidden state (the loop holds it)", blk(act * H * M), "")]
+    common = [Line("activations", "rope cos/sin, token ids, labels, positions", rope + batch_ints, "")]
     K = layers_kept(shape, run)
     if K:
         # the first layer's input norm saves nothing: with a frozen embedding its input needs no gradient
@@ -329,7 +328,8 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     # moment 1: the LM head and loss
     C = min(N, LOSS_CHUNK_TOKENS)
     chunks = -(-N // LOSS_CHUNK_TOKENS)
-    loss_lines = [Line("loss", "final norm input and 1/rms", layer_input + blk(4 * M), "saved by the final RMSNorm")]
+    loss_lines = [Line("loss", "final norm input and 1/rms", layer_input + blk(4 * M), "saved by the final RMSNorm"),
+                  Line("loss", "final hidden state", blk(act * H * M), "the loop drops it before the backward")]
     if full:  # the head is trained: chunks of fp32 logits, recomputed in backward (train/loss.py)
         loss_lines += [Line("loss", f"fp32 logits: 3 x [{C}, {V}]", 3 * blk(4 * C * V),
                             "log-softmax output, its gradient, and log-softmax backward's output"),
@@ -370,7 +370,7 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     # moment 3: optimizer step: every gradient alive, and the last micro-batch's hidden state and token ids
     opt_lines = [Line("trainable", "gradients (fp32)", grads, ""),
                  Line("trainable", "optimizer step temporaries", 2 * grads if run.optimizer == "adamw" else 0, ""),
-                 Line("activations", "final hidden state, token ids", blk(act * H * M) + batch_ints, "")]
+                 Line("activations", "token ids", batch_ints, "")]
     opt_peak = base + sum(x.bytes for x in opt_lines)
 
     moments = {"loss": loss_peak, "layer": layer_peak, "optimizer": opt_peak}

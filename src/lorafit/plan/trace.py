@@ -312,7 +312,9 @@ def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
             if run.eval and step == 0:
                 evaluate()
             hidden = model(ids, position_ids=pos)
-            (_loss_sum(model, hidden, labels, run.target_tokens) / 100).backward()
+            loss = _loss_sum(model, hidden, labels, run.target_tokens)
+            del hidden  # the loop drops it before the backward: nothing saved for backward refers to it
+            (loss / 100).backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             if step == 0:  # bitsandbytes' 8-bit AdamW states, made at the first step (and its two maps)
                 if run.optimizer != "adamw" and any(p.numel() >= MIN_8BIT_NUMEL for p in trainable):
@@ -328,7 +330,6 @@ def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
             lora._count_optimizer_step()  # what optimizer.step() signals: the next forward casts A and B anew
             for p in trainable:
                 p.grad = None
-            del hidden  # the loop drops it at the start of the next step
         if run.eval:
             evaluate()
     static = sum(blk(s) for k, _, s in load if k == "a") - sum(blk(s) for k, _, s in load if k == "f")

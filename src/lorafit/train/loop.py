@@ -222,6 +222,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                             hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids,
                                            inputs_embeds=embeds)
                             batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
+                        hidden = None  # nothing saved for backward refers to it: [tokens, hidden] less there
                         # divide by the targets of the whole accumulated batch: accumulation equals one large batch
                         (batch_loss / num_targets).backward()
                     loss_total += batch_loss.detach()  # on the device: no wait for the GPU per micro-batch
