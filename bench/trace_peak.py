@@ -5,7 +5,7 @@ host copies are not counted; each load allocates the layer input again, as the G
 
     python bench/trace_peak.py qwen2.5-7b 65536 [--batch 1] [--offload] [--mlp-chunk 8192] [--top 15]
 
-Prints the weights' bytes, the step's peak over them and the op that reached it, and the largest groups of live
+Prints the weights' bytes, the step's peak over them, and the largest groups of live
 tensors at that moment (op, shape, count). LoRA gradients and optimizer states are not included (~0.2 GiB at 7B).
 Found with it: an offloaded checkpoint's no-grad forward ran the MLP untiled (7 GiB at 7B x 65,536 tokens).
 """
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 GIB = 2**30
 
@@ -41,40 +38,6 @@ def remember_without_device_state(ctx, x):
     ctx.cpu_rng, ctx.cuda_rng, ctx.autocast = torch.get_rng_state(), None, ("cpu", torch.bfloat16, False)
 
 
-class PeakSnapshot(TorchDispatchMode):
-    """Live bytes per storage (as the allocator's statistics count them) and the live set at the peak."""
-
-    def __init__(self, known):
-        super().__init__()
-        from lorafit.plan.memory import blk
-
-        self.blk, self.live, self.total, self.peak, self.at_peak, self.where = blk, {}, 0, 0, {}, ""
-        self.seen = weakref.WeakKeyDictionary({t.untyped_storage(): -1 for t in known})
-        self.count = 0
-
-    def _add(self, storage, op, shape):
-        if storage in self.seen or storage.nbytes() == 0:
-            return
-        self.count += 1
-        key, size = self.count, self.blk(storage.nbytes())
-        self.seen[storage] = key
-        self.live[key] = (size, op, shape)
-        self.total += size
-        if self.total > self.peak:
-            self.peak, self.at_peak, self.where = self.total, dict(self.live), op
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key):
-        self.total -= self.live.pop(key)[0]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._add(t.untyped_storage(), func.__name__, tuple(t.shape))
-        return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -87,7 +50,7 @@ def main() -> None:
     from lorafit.model import llama, offload
     from lorafit.plan.memory import Run, blk
     from lorafit.plan.presets import shape_from_preset
-    from lorafit.plan.trace import _loss_sum, cuda_kernels, meta_model
+    from lorafit.plan.trace import LiveBytes, _loss_sum, cuda_kernels, meta_model
 
     offload.OffloadState = llama.OffloadState = HostCopies
     offload._remember_forward_state = remember_without_device_state
@@ -98,11 +61,13 @@ def main() -> None:
     for layer in model.model.layers:
         layer.mlp.chunk_tokens = args.mlp_chunk
     model.train()
-    known = list(model.parameters()) + list(model.buffers())
+    tracker = LiveBytes(labelled=True)
+    for t in list(model.parameters()) + list(model.buffers()):  # counted below as weights (or not on the GPU)
+        tracker.seen[t.untyped_storage()] = -1
     weights = sum(blk(t.numel() * t.element_size()) for name, t in model.named_parameters()
                   if not (cpu_table and "embed_tokens" in name))
     B, T = args.batch, args.seq
-    with cuda_kernels(), PeakSnapshot(known) as tracker:
+    with cuda_kernels(), tracker:
         ids = torch.zeros(B, T, dtype=torch.long, device="meta")
         positions = torch.arange(T, device="meta").expand(B, T).contiguous()
         embeds = torch.empty(B, T, shape.hidden, dtype=torch.bfloat16, device="meta")
@@ -111,10 +76,9 @@ def main() -> None:
         del hidden  # as the training loop does before the backward
         (loss / 100).backward()
     print(f"{args.model} {B} x {T}, offload {args.offload}, mlp chunk {args.mlp_chunk}: weights {weights / GIB:.2f} "
-          f"GiB + step peak {tracker.peak / GIB:.2f} GiB (at {tracker.where}) = {(weights + tracker.peak) / GIB:.2f} "
-          f"GiB allocated")
+          f"GiB + step peak {tracker.peak / GIB:.2f} GiB = {(weights + tracker.peak) / GIB:.2f} GiB allocated")
     groups, counts = collections.Counter(), collections.Counter()
-    for size, op, shape_ in tracker.at_peak.values():
+    for size, (op, shape_) in tracker.at_peak.values():
         groups[(op, shape_)] += size
         counts[(op, shape_)] += 1
     for (op, shape_), size in groups.most_common(args.top):

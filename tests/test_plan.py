@@ -300,3 +300,19 @@ def test_accumulation_keeps_the_earlier_gradients_alive():
     shape = shape_from_preset("qwen2.5-7b")
     one, two = estimate(shape, Run("qlora", 1024, 2)), estimate(shape, Run("qlora", 1024, 2, grad_accum=2))
     assert two.allocated - one.allocated == 4 * shape.lora_params(16)  # fp32 LoRA gradients (512-byte blocks)
+
+
+def test_live_bytes_can_say_what_is_alive_at_the_peak():
+    """LiveBytes(labelled=True), behind bench/trace_peak.py: the live set at the peak, by op and shape."""
+    from lorafit.plan.trace import LiveBytes
+
+    tracker = LiveBytes(labelled=True)
+    with tracker:
+        a = torch.empty(1000, 1000, device="meta")
+        b = torch.ones(10, device="meta")
+        del a
+        c = torch.zeros(500, device="meta")
+    assert tracker.peak == blk(4 * 1000 * 1000) + blk(40)
+    assert sorted(label for _, label in tracker.at_peak.values()) == [("empty.memory_format", (1000, 1000)),
+                                                                       ("ones.default", (10,))]
+    assert b is not None and c is not None

@@ -43,15 +43,17 @@ def request(n: int) -> int:
 
 class LiveBytes(TorchDispatchMode):
     """Allocation events ('a'/'f', storage id, requested bytes) of every storage an op creates; `peak` counts live
-    bytes as the allocator's statistics do (`blk`)."""
+    bytes as the allocator's statistics do (`blk`). `labelled`: also what is alive at the peak, as
+    {key: (bytes, (op, shape))} in `at_peak` (bench/trace_peak.py)."""
 
-    def __init__(self):
+    def __init__(self, labelled: bool = False):
         super().__init__()
         self.seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.events: list[tuple[str, int, int]] = []
         self.live = self.peak = self.count = 0
+        self.labelled, self.labels, self.at_peak = labelled, {}, {}
 
-    def add(self, storage) -> None:
+    def add(self, storage, label=None) -> None:
         if storage in self.seen or storage.nbytes() == 0:
             return
         self.count += 1
@@ -59,18 +61,23 @@ class LiveBytes(TorchDispatchMode):
         self.seen[storage] = key
         self.events.append(("a", key, size))
         self.live += stat
+        if self.labelled:
+            self.labels[key] = (stat, label)
+            if self.live > self.peak:
+                self.at_peak = dict(self.labels)
         self.peak = max(self.peak, self.live)
         weakref.finalize(storage, self._free, key, size, stat)
 
     def _free(self, key: int, size: int, stat: int) -> None:
         self.live -= stat
+        self.labels.pop(key, None)
         self.events.append(("f", key, size))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self.add(t.untyped_storage())
+                self.add(t.untyped_storage(), (func.__name__, tuple(t.shape)) if self.labelled else None)
         return out
 
 
