@@ -32,6 +32,11 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # `python bench/bench_stream.py` from anywhere: lorafit and bench
+
+from bench.bench_train import save_small_tokenizer  # noqa: E402
+
 GIB = 2**30
 
 
@@ -125,21 +130,9 @@ def build_random_nf4(name: str, resident: int, device: torch.device, save: Path 
         (save / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
         config = {**cfg.to_dict(), QUANTIZATION_KEY: {**NF4_MARKER, "compute_dtype": "bfloat16", "source": "random"}}
         (save / "config.json").write_text(json.dumps(config, indent=2))
-        write_tokenizer(save)
+        save_small_tokenizer(save)
         (save / "done").write_text("1")
     return model
-
-
-def write_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["hello world fine tuning with low rank adapters"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            unk_token="<unk>").save_pretrained(folder)
 
 
 def train_steps(model, optimizer, trainable, vocab: int, seq: int, steps: int, streamer=None) -> list[dict]:
