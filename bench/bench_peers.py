@@ -128,6 +128,12 @@ def anchor_path() -> Path:
     return next((p for p in options if p.exists()), options[0])
 
 
+def anchor_shown() -> str:
+    """The anchor script as the printed commands name it: relative to the repo where it lies inside it."""
+    anchor = anchor_path()
+    return str(anchor.relative_to(ROOT) if anchor.is_relative_to(ROOT) else anchor)
+
+
 def seq_bs(cfg: dict, value: int) -> tuple[int, int]:
     return (value, cfg["bs"]) if cfg["vary"] == "seq" else (cfg["seq"], value)
 
@@ -140,9 +146,7 @@ def command(cfg: dict, stack: str, value: int, steps: int) -> tuple[list[str], d
         return ["bench/bench_train.py", cfg["model"], str(seq), str(bs), *cap, "--steps", str(steps),
                 *cfg["flags"]], dict(cfg.get("lorafit_env", {}))
     env = {"CAP_GB": f"{cfg['cap']:g}", "STEPS": str(steps), "PYTHONPATH": f"{PEERS_SITE}:$PYTHONPATH"}
-    anchor = anchor_path()
-    shown = anchor.relative_to(ROOT) if anchor.is_relative_to(ROOT) else anchor
-    return [str(shown), stack, cfg["model"], str(seq), str(bs)], env
+    return [anchor_shown(), stack, cfg["model"], str(seq), str(bs)], env
 
 
 def show(argv: list[str], env: dict) -> str:

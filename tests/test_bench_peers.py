@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -92,21 +93,22 @@ def test_dry_run_lists_the_commands():
     lines = out.splitlines()
     assert lines[0].startswith("INSTALL python -m pip install") and "--target /tmp/peers_site" in lines[0]
     runs = [line for line in lines if line.startswith("[")]
+    anchor = shlex.quote(bp.anchor_shown())  # inside the repo in a dev checkout, beside it (../shared) in CI
     assert runs == [
         "[fixed lorafit] python bench/bench_train.py qwen2.5-7b 2048 2 --steps 7",
-        f"[fixed unsloth] CAP_GB=0 STEPS=7 PYTHONPATH=/tmp/peers_site:$PYTHONPATH python {bp.anchor_path().relative_to(ROOT)} unsloth qwen2.5-7b 2048 2",  # noqa: E501
+        f"[fixed unsloth] CAP_GB=0 STEPS=7 PYTHONPATH=/tmp/peers_site:$PYTHONPATH python {anchor} unsloth qwen2.5-7b 2048 2",  # noqa: E501
         *(f"[7b16 lorafit] python bench/bench_train.py qwen2.5-7b 2048 {b} --cap-gb 16 --steps 7"
           for b in (8, 12, 16)),
         *(f"[7b16 unsloth] CAP_GB=16 STEPS=7 PYTHONPATH=/tmp/peers_site:$PYTHONPATH python "
-          f"{bp.anchor_path().relative_to(ROOT)} unsloth qwen2.5-7b 2048 {b}" for b in (8, 12)),
+          f"{anchor} unsloth qwen2.5-7b 2048 {b}" for b in (8, 12)),
         *(f"[15b12 lorafit] python bench/bench_train.py qwen2.5-1.5b 1024 {b} --cap-gb 12 --steps 7"
           for b in (16, 32, 48)),
         *(f"[15b12 unsloth] CAP_GB=12 STEPS=7 PYTHONPATH=/tmp/peers_site:$PYTHONPATH python "
-          f"{bp.anchor_path().relative_to(ROOT)} unsloth qwen2.5-1.5b 1024 {b}" for b in (16, 32)),
+          f"{anchor} unsloth qwen2.5-1.5b 1024 {b}" for b in (16, 32)),
         *(f"[long lorafit] PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python bench/bench_train.py qwen2.5-7b "
           f"{s} 1 --cap-gb 16 --steps 4 --offload --mlp-chunk 8192" for s in (65536, 98304)),
         *(f"[long unsloth] CAP_GB=16 STEPS=4 PYTHONPATH=/tmp/peers_site:$PYTHONPATH python "
-          f"{bp.anchor_path().relative_to(ROOT)} unsloth qwen2.5-7b {s} 1" for s in (32768, 49152)),
+          f"{anchor} unsloth qwen2.5-7b {s} 1" for s in (32768, 49152)),
     ]
 
 
