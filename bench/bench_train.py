@@ -60,13 +60,16 @@ def make_checkpoint(name: str, root: Path = Path("/tmp/models")) -> Path:
     return path
 
 
-def write_documents(path: Path, n: int, seq: int) -> Path:
-    """Text documents longer than SEQ tokens (truncated to SEQ by the data pipeline): every row is full."""
+def write_documents(path: Path, n: int, seq: int, per_row: int = 1) -> Path:
+    """Text documents longer than SEQ tokens (truncated to SEQ by the data pipeline): every row is full. With
+    `per_row` > 1, documents of about SEQ / per_row tokens (a word is a token of the small tokenizer), so packing
+    puts `per_row` of them in each row and attention runs per example (varlen segments)."""
     rng = random.Random(0)
     words = ["hello", "world", "fine", "tuning", "with", "low", "rank", "adapters"]
+    length = seq + 16 if per_row == 1 else seq // per_row - 16
     with open(path, "w") as f:
         for _ in range(n):
-            f.write(json.dumps({"text": " ".join(rng.choices(words, k=seq + 16))}) + "\n")
+            f.write(json.dumps({"text": " ".join(rng.choices(words, k=length))}) + "\n")
     return path
 
 
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs to CPU memory")
     parser.add_argument("--mlp-chunk", type=int, default=0, help="tile the MLP over this many tokens")
+    parser.add_argument("--docs-per-row", type=int, default=1, help="pack this many documents into each row")
     parser.add_argument("--kept-layers", type=int, default=0, help="the last N layers are not checkpointed")
     parser.add_argument("--cuda-graphs", default="off", choices=["on", "off"],
                         help="record the micro-step as a CUDA graph (config cuda_graphs)")
@@ -119,7 +123,8 @@ def main() -> None:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_work"))
     work.mkdir(parents=True, exist_ok=True)
-    data = write_documents(work / f"docs_{args.seq}.jsonl", args.batch * args.steps + 4, args.seq)
+    data = write_documents(work / f"docs_{args.seq}_{args.docs_per_row}.jsonl",
+                           (args.batch * args.steps + 4) * args.docs_per_row, args.seq, args.docs_per_row)
     cfg = load_config(overrides={
         "model": {"path": str(ckpt)}, "method": args.method,
         "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": True},
@@ -136,8 +141,9 @@ def main() -> None:
         history = [r for r in result.history if "tokens_per_s" in r]
         step_s = statistics.median([r["tokens"] / r["tokens_per_s"] for r in history[2:] or history])
         tok_s, loss = args.batch * args.seq / step_s, history[-1]["loss"]
+        real_tok_s = statistics.median([r["tokens_per_s"] for r in history[2:] or history])  # padding left out
     except (torch.OutOfMemoryError, LorafitError) as e:  # train() says so at micro-batch 1
-        status, step_s, tok_s, loss = f"out of memory ({str(e)[:60]})", None, None, None
+        status, step_s, tok_s, loss, real_tok_s = f"out of memory ({str(e)[:60]})", None, None, None, None
     extra = {}
     if args.gpu_memory:  # what fit_to_gpu_budget chose (run.json holds the config train() ran with) and its cap
         from lorafit.plan import budget_bytes
@@ -154,8 +160,8 @@ def main() -> None:
         write_segments(Path(args.segments))
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
-        cuda_graphs=args.cuda_graphs, kept_layers=args.kept_layers,
-        model=args.model, seq=args.seq, bs=args.batch,
+        cuda_graphs=args.cuda_graphs, kept_layers=args.kept_layers, docs_per_row=args.docs_per_row,
+        real_tok_s=round(real_tok_s) if real_tok_s else None, model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),
         step_s=round(step_s, 3) if step_s else None, tok_s=round(tok_s) if tok_s else None,

@@ -26,11 +26,14 @@ class Batch:
     seq_ids: torch.Tensor | None  # [B, T] example index within the row (packed), None when one example per row
     num_targets: int
     num_tokens: int  # real (non-pad) tokens
+    # packed: the same rows as segments of the flattened [B * T] tokens (kernels.varlen_attention), from the host
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
 
     def to(self, device) -> Batch:
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.seq_ids),
-                     self.num_targets, self.num_tokens)
+                     self.num_targets, self.num_tokens, move(self.cu_seqlens), self.max_seqlen)
 
 
 def pack_rows(lengths: list[int], order: list[int], max_length: int) -> list[list[int]]:
@@ -57,6 +60,17 @@ def epoch_rows(examples: list[Example], max_length: int, packing: bool, seed: in
     return pack_rows([len(e) for e in examples], order, max_length)
 
 
+def segment_bounds(seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`cu_seqlens` (int32, [segments + 1]) and the longest segment of a packed batch's seq_ids [B, T]: a segment
+    is a run of equal seq_ids inside one row (the padding tail, seq_id -1, is a segment of its own)."""
+    B, T = seq_ids.shape
+    starts = torch.ones(B, T, dtype=torch.bool)
+    starts[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    ends = torch.cat([starts.reshape(-1).nonzero().squeeze(1), torch.tensor([B * T])])
+    cu_seqlens = ends.to(torch.int32)
+    return cu_seqlens, int((ends[1:] - ends[:-1]).max())
+
+
 def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packing: bool,
             width: int | None = None) -> Batch:
     """Rows of examples as one right-padded batch, `width` wide (default: the longest row)."""
@@ -80,8 +94,10 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packing
         position_ids[b, start:] = torch.arange(width - start)  # padding: any valid positions, never attended to
     num_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
     num_tokens = int((seq_ids >= 0).sum())
-    several = packing and any(len(row) > 1 for row in rows)
-    return Batch(input_ids, labels, position_ids, seq_ids if several else None, num_targets, num_tokens)
+    if not (packing and any(len(row) > 1 for row in rows)):
+        return Batch(input_ids, labels, position_ids, None, num_targets, num_tokens)
+    cu_seqlens, max_seqlen = segment_bounds(seq_ids)
+    return Batch(input_ids, labels, position_ids, seq_ids, num_targets, num_tokens, cu_seqlens, max_seqlen)
 
 
 class BatchStream:

@@ -6,7 +6,9 @@ applied afterwards by wrapping modules (`quantize_nf4`, `apply_lora`).
 
 Attention takes one of three masks:
 - none: plain causal attention (one example per row, right padding carries no loss);
-- `seq_ids` [B, T]: packed rows, each token attends only to earlier tokens of the same example;
+- `seq_ids` [B, T]: packed rows, each token attends only to earlier tokens of the same example; on CUDA, with the
+  batch's `cu_seqlens`, as segments through flash attention's varlen kernel (`kernels.varlen_attention`) instead of
+  a mask;
 - `key_padding` [B, S] with a KV cache: left-padded batched generation.
 """
 
@@ -20,6 +22,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lorafit.kernels.fused import rms_norm, rope, swiglu
+from lorafit.kernels.varlen_attention import Segments, use_varlen, varlen_attention
 from lorafit.model.offload import OffloadedCheckpoint, OffloadState, TiledMLP
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -129,6 +132,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         gqa = self.num_heads != self.num_kv_heads
+        if isinstance(mask, Segments):  # packed rows: [B * T, heads, d], segments back to back
+            flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], self.head_dim) for t in (q, k, v)]
+            return self.o_proj(varlen_attention(*flat, mask).view(B, T, -1))
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -224,15 +230,20 @@ class CausalLM(nn.Module):
         return F.embedding(input_ids.to(table.device), table).to(device, non_blocking=True)
 
     def forward(self, input_ids, position_ids=None, seq_ids=None, key_padding=None, cache: KVCache | None = None,
-                inputs_embeds: torch.Tensor | None = None):
-        """Final hidden states [B, T, H]; `logits(hidden)` turns them into scores (the loss never needs all)."""
+                inputs_embeds: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0):
+        """Final hidden states [B, T, H]; `logits(hidden)` turns them into scores (the loss never needs all).
+        `cu_seqlens`/`max_seqlen`: the packed batch's segments (`data.batching.segment_bounds` of seq_ids),
+        used in place of the seq_ids mask where the varlen kernel runs."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        mask = build_mask(position_ids, seq_ids, key_padding, past, self.args.sliding_window)
+        if cu_seqlens is not None and cache is None and key_padding is None and use_varlen(x):
+            mask = Segments(cu_seqlens.to(x.device, non_blocking=True), max_seqlen, self.args.sliding_window)
+        else:
+            mask = build_mask(position_ids, seq_ids, key_padding, past, self.args.sliding_window)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         offload = OffloadState(x.device) if checkpoint and self.offload_checkpoints else None
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -164,7 +164,8 @@ def fit_to_budget(cfg, budget_bytes: int) -> dict:
                             "shorten data.max_length")
     seq = run.seq
     if choice is None:
-        seq = longest_seq(shape, replace(run, batch=1), card, limit=run.seq)
+        # at micro-batch 1 the whole effective batch is accumulated: its gradient buffer counts too
+        seq = longest_seq(shape, replace(run, batch=1, grad_accum=effective), card, limit=run.seq)
         if seq == 0:
             raise PlanError(f"{shape.name} ({run.method}) does not fit {card.name} even at 256 tokens per row")
         choice = fastest(shape, replace(run, seq=seq), card, effective)

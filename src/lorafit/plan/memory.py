@@ -59,7 +59,7 @@ class Run:
     grad_accum: int = 1  # micro-batches per optimizer step: from the second on, every gradient is already alive
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ALL_LINEAR
-    packed: bool = False  # rows hold several examples, so attention needs a mask
+    packed: bool = False  # rows hold several examples (segments through varlen flash attention: no extra memory)
     optimizer: str = "paged_adamw_8bit"
     targets: int | None = None  # tokens carrying loss per micro-batch; None: all (B * (T - 1)), the worst case
     resident_layers: int | None = None  # QLoRA layer streaming: decoder layers kept on the GPU (None: all)
@@ -258,19 +258,6 @@ def lora_casts(shape: Shape, run: Run, act: int) -> int:
     return shape.layers * per_layer
 
 
-def attention_scores_per_token(shape: Shape, run: Run, act: int) -> int:
-    """Bytes per token of attention scores when rows are packed: the mask rules out flash attention, and with GQA
-    (fewer kv heads) memory-efficient attention too, so sdpa runs its math path, which saves the softmax
-    [heads, T, T] and the kv heads expanded to all heads. Without GQA the efficient kernel takes the mask and only
-    the mask itself is materialised (bf16 bias [T, T] per row). From the kernels' structure, not yet measured."""
-    if not run.packed:
-        return 0
-    T = run.seq
-    if shape.kv_heads != shape.heads:
-        return act * shape.heads * T + 2 * act * shape.heads * shape.head_dim
-    return act * T
-
-
 def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     """Predicted peak allocated bytes of a training step (step 2 onwards: optimizer states exist)."""
     if run.method not in METHODS:
@@ -298,9 +285,6 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     base = sum(x.bytes for x in persistent)
 
     saved = layer_saved_per_token(shape, run, act)
-    scores = attention_scores_per_token(shape, run, act)
-    if scores:
-        saved["attention scores (math sdpa, packed rows)"] = [scores]
     saved_tok = sum(sum(v) for v in saved.values())
     saved_layer = saved_bytes(saved, M)
     layer_input = blk(res * H * M)
@@ -353,8 +337,6 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     mlp = blk(act * inter * M)
     wq = blk(2 * H * inter) if run.method == "qlora" else 0  # dequantized down_proj (the kernel allocates no more)
     layer_extra = max(2 * mlp - (blk(act * run.lora_r * M) if not full else 0), mlp + wq)
-    if run.packed and shape.kv_heads != shape.heads:  # math attention's backward: scores gradient + softmax backward
-        layer_extra = max(layer_extra, 2 * blk(act * shape.heads * run.seq * M))
     layer_lines = [Line("activations", "recomputed last layer (saved for backward)", saved_layer - layer_input,
                         ", ".join(f"{k} {sum(v):,}" for k, v in saved.items()) + " bytes per token"),
                    Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),

@@ -14,6 +14,8 @@ What a recording needs, and how it gets it here:
 - one shape and no host waits: packed micro-batches padded to `data.max_length`, and a loss over every position
   (`every_position_loss_sum`: selecting the labelled ones would need their count on the host); batches of any
   other shape run eagerly;
+- packed rows attend through the seq_ids mask, not the varlen segments of the eager path (their number changes
+  from batch to batch, which would change the recorded kernel's launch);
 - fixed addresses: each batch is copied into the recording's input tensors; gradients stay allocated (zeroed in
   place, never set to None), so the recorded backward accumulates into the same buffers on every replay;
 - nothing random to repeat (LoRA dropout 0): checkpoint recomputation need not save and restore RNG state, which

@@ -220,7 +220,8 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                         batch = batch.to(device)
                         with autocast() if autocast else contextlib.nullcontext():
                             hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids,
-                                           inputs_embeds=embeds)
+                                           inputs_embeds=embeds, cu_seqlens=batch.cu_seqlens,
+                                           max_seqlen=batch.max_seqlen)
                             batch_loss, _ = target_loss_sum(model, hidden, batch.labels)
                         hidden = None  # nothing saved for backward refers to it: [tokens, hidden] less there
                         # divide by the targets of the whole accumulated batch: accumulation equals one large batch
