@@ -63,12 +63,12 @@ class FlashVarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seg: Segments):
-        left = seg.window - 1 if seg.window is not None else None
+        # the window only when there is one: older PyTorch builds have no window arguments
+        window = {} if seg.window is None else {"window_size_left": seg.window - 1, "window_size_right": 0}
         out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len, 0.0, True, False,
-            window_size_left=left)
+            q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len, 0.0, True, False, **window)
         ctx.save_for_backward(q, k, v, out, lse, rng_state, unused)
-        ctx.seg, ctx.left = seg, left
+        ctx.seg, ctx.window = seg, window
         return out
 
     @staticmethod
@@ -77,13 +77,20 @@ class FlashVarlenAttention(torch.autograd.Function):
         seg = ctx.seg
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             grad.contiguous(), q, k, v, out, lse, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len, 0.0,
-            True, rng_state, unused, window_size_left=ctx.left)
+            True, rng_state, unused, **ctx.window)
         return dq, dk, dv, None
 
 
+def flash_supported(q: torch.Tensor) -> bool:
+    """PyTorch's flash kernels: Ampere or newer, fp16/bf16, head_dim a multiple of 8 up to 256."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """Causal attention inside each segment: q [N, heads, d], k and v [N, kv_heads, d] -> [N, heads, d]."""
-    if q.is_cuda and not FORCE_REFERENCE:
+    """Causal attention inside each segment: q [N, heads, d], k and v [N, kv_heads, d] -> [N, heads, d]. Where
+    flash cannot run (older GPUs, fp32) the twin runs: per segment, still without a mask or scores across them."""
+    if not FORCE_REFERENCE and flash_supported(q):
         return FlashVarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), seg)
     return varlen_attention_reference(q, k, v, seg)
 
