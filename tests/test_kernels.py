@@ -1,5 +1,7 @@
 """Each fast kernel against its plain-PyTorch twin (GPU parts skipped on CPU), and the twins against known values."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -86,6 +88,57 @@ def test_fused_lora_equals_plain_composition(quantized, dropout, bias):
         layer.zero_grad(set_to_none=True)
     for fused, plain in zip(*results):
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def _swiglu_lora_runs(layer, gate, up, autocast=None):
+    """(output, gate and up gradients, A and B gradients) of the product-free Function and of the plain composition."""
+    from lorafit.kernels.fused import swiglu_reference
+
+    results = []
+    for forward in (layer.forward_swiglu, lambda g, u: layer.reference_forward(swiglu_reference(g, u))):
+        g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        with autocast or contextlib.nullcontext():
+            y = forward(g, u)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
+        results.append((y.float(), g.grad, u.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()))
+        layer.zero_grad(set_to_none=True)
+    return results
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_lora_equals_plain_composition_and_keeps_no_product(quantized, bias):
+    """kernels.swiglu_lora (down_proj over silu(gate) * up, the product made again in backward) against autograd
+    through the plain composition: output and all four gradients; and it keeps two [tokens, intermediate] tensors
+    for backward where the composition keeps three."""
+    from lorafit.model.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(67, 45, bias=bias)
+    if quantized:
+        base = NF4Linear.from_linear(base, "cpu", torch.float32)
+    layer = LoRALinear(base, r=5, alpha=7)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    gate, up = torch.randn(3, 11, 67), torch.randn(3, 11, 67)
+    fast, plain = _swiglu_lora_runs(layer, gate, up)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(t is not None and t.abs().sum() > 0 for t in fast)
+
+    def wide_tensors_saved(forward):
+        wide = []
+        hooks = (lambda t: wide.append(t.untyped_storage().data_ptr()) if t.shape[-1] == 67 and t.dim() > 1
+                 and t.numel() >= 33 * 67 else None, lambda t: t)
+        g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (hooks[0](t), t)[1], hooks[1]):
+            forward(g, u)
+        return len(set(wide))
+
+    from lorafit.kernels.fused import swiglu_reference
+
+    assert wide_tensors_saved(layer.forward_swiglu) == 2
+    # eager: gate, silu(gate), up and the product (the compiled SwiGLU on CUDA saves gate and up: three in all)
+    assert wide_tensors_saved(lambda g, u: layer(swiglu_reference(g, u))) == 4
 
 
 def _grads(fn, *inputs):
@@ -193,3 +246,19 @@ def test_dense_weights_on_cpu_are_the_dequantized_weights_and_go_away():
         assert module.dequantize() is module.dequantize()  # cached, not recomputed
         cached = module.dequantize()
     assert torch.equal(cached, module.dequantize()) and module.dequantize() is not module.dequantize()
+
+
+@pytest.mark.gpu
+@cuda
+def test_swiglu_lora_equals_plain_composition_on_gpu_bf16():
+    """The product-free down_proj with the compiled SwiGLU and its compiled backward, NF4, under autocast, against
+    the plain composition: relative error of bf16."""
+    from lorafit.model.lora import LoRALinear
+
+    _, base = nf4_linear(1536, 4480, device="cuda", dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=16, alpha=32)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    gate, up = (torch.randn(4, 129, 4480, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    fast, plain = _swiglu_lora_runs(layer, gate, up, torch.autocast("cuda", dtype=torch.bfloat16))
+    for a, b in zip(fast, plain):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2

@@ -1,4 +1,5 @@
-"""RMSNorm, rotary embedding and SwiGLU: plain PyTorch, compiled into fused kernels on CUDA.
+"""RMSNorm, rotary embedding and SwiGLU (and SwiGLU's backward, for `kernels.swiglu_lora`): plain PyTorch, compiled
+into fused kernels on CUDA.
 
 Eager PyTorch runs each of these as a chain of small memory-bound kernels (RMSNorm alone: cast, square, mean,
 rsqrt, multiply, cast, multiply, and as many again in backward). `torch.compile` turns each function into one
@@ -37,6 +38,14 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_backward_reference(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
+    """Gradients of silu(gate) * up for the product's gradient `grad`, in fp32 and cast back (silu' = s (1 + g (1 -
+    s)) with s = sigmoid(g)): what autograd gives through `swiglu_reference`, without keeping its graph."""
+    g, u, d = gate.float(), up.float(), grad.float()
+    s = torch.sigmoid(g)
+    return (d * u * s * (1 + g * (1 - s))).to(gate.dtype), (d * g * s).to(up.dtype)
+
+
 _compiled: dict = {}
 
 
@@ -62,3 +71,7 @@ def rope(q, k, cos, sin):
 
 def swiglu(gate, up):
     return (_fast(swiglu_reference) if _use_fast(gate) else swiglu_reference)(gate, up)
+
+
+def swiglu_backward(gate, up, grad):
+    return (_fast(swiglu_backward_reference) if _use_fast(gate) else swiglu_backward_reference)(gate, up, grad)

@@ -159,7 +159,10 @@ class MLP(nn.Module):
         return self.plain_forward(x)
 
     def plain_forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if hasattr(self.down_proj, "forward_swiglu"):  # a LoRA down_proj keeps gate and up, not their product
+            return self.down_proj.forward_swiglu(gate, up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -23,8 +23,10 @@ from torch import nn
 
 from lorafit.config import LoraConfig
 from lorafit.errors import ModelError
+from lorafit.kernels import fused
 from lorafit.kernels.lora import lora_linear
 from lorafit.kernels.nf4 import FORCE_REFERENCE
+from lorafit.kernels.swiglu_lora import swiglu_lora
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -50,6 +52,12 @@ class LoRALinear(nn.Module):
             return self.reference_forward(x)
         x_lora = self.lora_dropout(x)
         return lora_linear(x, x_lora, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling)
+
+    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up), the product not kept for backward (kernels/swiglu_lora.py): the MLP's down_proj."""
+        if FORCE_REFERENCE or not isinstance(self.lora_dropout, nn.Identity):  # dropout needs the product and its mask
+            return self(fused.swiglu(gate, up))
+        return swiglu_lora(gate, up, self)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain composition, autograd through every op: the twin of kernels.lora.LoRAFunction."""

@@ -35,6 +35,7 @@ from lorafit.plan.memory import (
     blk,
     layer_saved_per_token,
     layers_kept,
+    product_free_mlp,
     stream_layer_bytes,
     stream_slots,
 )
@@ -101,7 +102,19 @@ def activation_slack(shape: Shape, run: Run) -> int:
     if not kept:
         return 0
     saved = layer_saved_per_token(shape, run, 2)
-    sizes = [per_token * run.tokens for group in saved.values() for per_token in group] * kept
+    sizes = [per_token * run.tokens for group in saved.values() for per_token in group]
+    product = blk(2 * shape.intermediate * run.tokens)
+    if product_free_mlp(run) and product >= LARGE_MIN:
+        # each layer's MLP frees its SwiGLU product ([tokens, I]) in the forward: the allocator splits that block
+        # for the next layer's mid-size saved tensors, largest first, and only the rest needs 20 MiB segments
+        room, rest = product, []
+        for size in sorted(sizes, key=blk, reverse=True):
+            if SMALL < blk(size) < LARGE_MIN and blk(size) <= room:
+                room -= blk(size)
+            else:
+                rest.append(size)
+        sizes = rest
+    sizes = sizes * kept
     return max(0, packed(sizes) - sum(blk(s) for s in sizes))
 
 

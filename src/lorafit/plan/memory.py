@@ -222,8 +222,9 @@ def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, list[in
     by the norms. The norms' outputs are saved by the projections' LoRA (A's gradient needs the input; the frozen
     path shares it). The compiled RoPE saves only cos/sin, so q and k after rope are new tensors, saved by flash
     attention with v as projected, its output and an fp32 log-sum-exp per head (never a T x T matrix). Each LoRA
-    saves its rank-r middle (x A^T). The compiled SwiGLU saves gate and up (silu is recomputed in backward) and
-    down_proj's LoRA saves the product: three [tokens, I] tensors. Qwen3's q/k norms save q and k as projected.
+    saves its rank-r middle (x A^T). The MLP keeps gate and up: with a LoRA down_proj the product silu(gate) * up is
+    made again in its backward (kernels/swiglu_lora.py); otherwise the compiled SwiGLU saves gate and up and down_proj
+    its input, the product (three [tokens, I] tensors). Qwen3's q/k norms save q and k as projected.
     Full fine-tuning (approximate): x and h are fp32, and autocast saves one bf16 cast of the norm output per
     projection (q, k, v; gate, up) instead of the shared output.
     """
@@ -236,11 +237,17 @@ def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, list[in
         "norm outputs (saved by the projections)": outputs,
         "attention q, k, v, output, log-sum-exp": [act * q, act * kv, act * kv, act * q, 4 * shape.heads],
         "LoRA middles (x A^T)": [act * run.lora_r] * lora,
-        "MLP gate, up, product": [act * inter] * 3,
+        "MLP gate, up" + ("" if product_free_mlp(run) else ", product"): [act * inter] * (
+            2 if product_free_mlp(run) else 3),
     }
     if shape.qk_norm:
         saved["q/k norm inputs and 1/rms"] = [act * q, act * kv, 4 * shape.heads, 4 * shape.kv_heads]
     return saved
+
+
+def product_free_mlp(run: Run) -> bool:
+    """Whether the MLP keeps no SwiGLU product for backward: down_proj is a LoRA linear (kernels/swiglu_lora.py)."""
+    return run.method != "full" and "down_proj" in run.lora_targets
 
 
 def saved_bytes(saved: dict[str, list[int]], tokens: int) -> int:
@@ -336,7 +343,10 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     # dequantized weight (+1 and W), which is larger only when tokens < hidden.
     mlp = blk(act * inter * M)
     wq = blk(2 * H * inter) if run.method == "qlora" else 0  # dequantized down_proj (the kernel allocates no more)
-    layer_extra = max(2 * mlp - (blk(act * run.lora_r * M) if not full else 0), mlp + wq)
+    if product_free_mlp(run):  # saved gate and up; the product's gradient, then SwiGLU's two gradients
+        layer_extra = max(3 * mlp, mlp + wq)
+    else:
+        layer_extra = max(2 * mlp - (blk(act * run.lora_r * M) if not full else 0), mlp + wq)
     layer_lines = [Line("activations", "recomputed last layer (saved for backward)", saved_layer - layer_input,
                         ", ".join(f"{k} {sum(v):,}" for k, v in saved.items()) + " bytes per token"),
                    Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),

@@ -175,6 +175,11 @@ class Gather(torch.autograd.Function):
         return out, None, None
 
 
+def _swiglu_backward(gate, up, grad):
+    """The compiled SwiGLU backward: the two gradients, nothing else."""
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
 def _sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **_):
     return FlashAttention.apply(q, k, v)
 
@@ -188,19 +193,23 @@ def cuda_kernels():
     """lorafit's model code with the CUDA kernels' allocations: the stand-ins above for flash attention and the
     compiled RMSNorm, RoPE and SwiGLU (`kernels.nf4` and `kernels.cross_entropy` model their CUDA kernels on meta
     themselves), and checkpointing without the RNG state (meta has none)."""
+    from lorafit.kernels import fused
     from lorafit.model import llama
 
     saved = {name: getattr(llama, name) for name in ("rms_norm", "rope", "swiglu")}
+    in_fused = fused.swiglu, fused.swiglu_backward
     sdpa, checkpoint = llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint
     try:
         for name in saved:
             setattr(llama, name, STAND_INS[name])
+        fused.swiglu, fused.swiglu_backward = SwiGLU.apply, _swiglu_backward  # as kernels.swiglu_lora calls them
         llama.F.scaled_dot_product_attention = _sdpa
         torch.utils.checkpoint.checkpoint = functools.partial(checkpoint, preserve_rng_state=False)
         yield
     finally:
         for name, fn in saved.items():
             setattr(llama, name, fn)
+        fused.swiglu, fused.swiglu_backward = in_fused
         llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint = sdpa, checkpoint
 
 
