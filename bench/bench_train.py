@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs to CPU memory")
     parser.add_argument("--mlp-chunk", type=int, default=0, help="tile the MLP over this many tokens")
     parser.add_argument("--docs-per-row", type=int, default=1, help="pack this many documents into each row")
+    parser.add_argument("--masked-packing", action="store_true",
+                        help="packed rows through the seq_ids mask (sdpa) instead of varlen segments, to compare")
     parser.add_argument("--kept-layers", type=int, default=0, help="the last N layers are not checkpointed")
     parser.add_argument("--cuda-graphs", default="off", choices=["on", "off"],
                         help="record the micro-step as a CUDA graph (config cuda_graphs)")
@@ -114,6 +116,10 @@ def main() -> None:
     from lorafit.train.loop import train
     from lorafit.train.progress import Progress
 
+    if args.masked_packing:  # what packed rows ran through before kernels/varlen_attention.py
+        from lorafit.model import llama
+
+        llama.use_varlen = lambda x: False
     ckpt = make_checkpoint(args.model)
     if args.cap_gb:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -161,6 +167,7 @@ def main() -> None:
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
         cuda_graphs=args.cuda_graphs, kept_layers=args.kept_layers, docs_per_row=args.docs_per_row,
+        masked_packing=args.masked_packing,
         real_tok_s=round(real_tok_s) if real_tok_s else None, model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),
