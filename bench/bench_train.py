@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--docs-per-row", type=int, default=1, help="pack this many documents into each row")
     parser.add_argument("--masked-packing", action="store_true",
                         help="packed rows through the seq_ids mask (sdpa) instead of varlen segments, to compare")
+    parser.add_argument("--offload-activations", type=int, default=0,
+                        help="the first N layers' activations go to pinned CPU memory instead of being recomputed")
     parser.add_argument("--kept-layers", type=int, default=0, help="the last N layers are not checkpointed")
     parser.add_argument("--cuda-graphs", default="off", choices=["on", "off"],
                         help="record the micro-step as a CUDA graph (config cuda_graphs)")
@@ -138,7 +140,8 @@ def main() -> None:
         "output_dir": str(work / "run"), "max_steps": args.steps, "micro_batch_size": args.batch,
         "learning_rate": 2e-4, "gradient_checkpointing": not args.no_checkpointing,
         "offload_checkpoints": args.offload, "mlp_chunk_tokens": args.mlp_chunk,
-        "kept_layers": args.kept_layers, "optimizer": "paged_adamw_8bit",
+        "kept_layers": args.kept_layers, "offload_activations": args.offload_activations,
+        "optimizer": "paged_adamw_8bit",
         "warmup_ratio": 0.0, "gpu_memory": args.gpu_memory, "cuda_graphs": args.cuda_graphs,
     })
     status = "ok"
@@ -167,7 +170,7 @@ def main() -> None:
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
         cuda_graphs=args.cuda_graphs, kept_layers=args.kept_layers, docs_per_row=args.docs_per_row,
-        masked_packing=args.masked_packing,
+        masked_packing=args.masked_packing, offload_activations=args.offload_activations,
         real_tok_s=round(real_tok_s) if real_tok_s else None, model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2**30, 2),

@@ -1,33 +1,50 @@
 #!/usr/bin/env bash
-# One device call for what session 4 wrote without a GPU (carry .wheels/core):
-# 1. GPU tests of the new kernels (varlen attention, product-free SwiGLU + down_proj LoRA) and the recorded micro-step
-#    (incl. the 60-replay loss check);
-# 2. packed rows, Qwen2.5-7B 2048 x 2 with 4 documents per row: varlen segments vs the seq_ids mask vs one document
-#    per row;
-# 3. the default path (graphs off) at the issue-8 shapes, and --gpu-memory (kept_layers from the planner);
-# 4. the long row: 65,536 and 98,304 tokens at batch 1 in 16 GB.
-#   bash bench/gpu_session4.sh            (RESULT lines in $OUT/session4.txt, logs in $OUT/session4_log.txt)
+# What session 4 wrote without a GPU, measured on one (carry .wheels/core). Sections, each a few minutes: run them
+# over two or three device calls on the same warm machine, e.g. `bash bench/gpu_session4.sh tests packed` then
+# `bash bench/gpu_session4.sh budget offload` then `bash bench/gpu_session4.sh long`.
+#   tests    GPU tests of the new kernels (varlen attention, product-free SwiGLU + down_proj LoRA, offloaded
+#            activations) and of the recorded micro-step (incl. the 60-replay loss check)
+#   packed   Qwen2.5-7B 2 x 2048, 4 documents per row: varlen segments vs the seq_ids mask vs one document per row
+#   budget   the default path (graphs off) at issue 8's budgets, and --gpu-memory (kept_layers from the planner)
+#   offload  offloaded activations (the first N layers neither recomputed nor kept), Qwen2.5-7B 4 x 2048 in 16 GB
+#   long     65,536 and 98,304 tokens at batch 1 in 16 GB
+# RESULT lines go to $OUT/session4.txt, whole logs to $OUT/session4_log.txt.
 set -u
 export PYTHONPATH=$PWD/src:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python -m pip install -q --no-index --no-deps .wheels/core/*.whl 2>&1 | tail -1
-timeout 240 python -m pytest -q -m gpu tests/test_varlen_attention.py tests/test_kernels.py tests/test_graphs.py \
-  -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/session4.txt"
+ENVS=""
 run() {  # one bench_train.py run: its RESULT line (and any error) to session4.txt, the whole log to session4_log.txt
   echo "# $*" >> "$OUT/session4_log.txt"
   timeout "${LIMIT:-150}" env $ENVS python bench/bench_train.py "$@" --log > "$OUT/one.txt" 2>&1
   grep -E "^RESULT|Error|error" "$OUT/one.txt" | tail -3 | tee -a "$OUT/session4.txt"
   cat "$OUT/one.txt" >> "$OUT/session4_log.txt"
 }
-ENVS=""
-run qwen2.5-7b 2048 2 --docs-per-row 4
-run qwen2.5-7b 2048 2 --docs-per-row 4 --masked-packing
-run qwen2.5-7b 2048 2
-run qwen2.5-7b 2048 8 --cap-gb 16
-run qwen2.5-7b 2048 8 --cap-gb 16 --gpu-memory 16GB
-run qwen2.5-7b 2048 2 --cap-gb 16 --gpu-memory 16GB
-run qwen2.5-1.5b 1024 16 --cap-gb 12 --gpu-memory 12GB
-run qwen2.5-1.5b 1024 32 --cap-gb 12
-ENVS="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
-LIMIT=200 run qwen2.5-7b 65536 1 --cap-gb 16 --steps 4 --offload --mlp-chunk 8192
-LIMIT=200 run qwen2.5-7b 98304 1 --cap-gb 16 --steps 4 --offload --mlp-chunk 8192
+for section in "$@"; do
+  echo "## $section" | tee -a "$OUT/session4.txt"
+  case $section in
+    tests)
+      timeout 240 python -m pytest -q -m gpu tests/test_varlen_attention.py tests/test_kernels.py \
+        tests/test_offload.py tests/test_graphs.py -p no:cacheprovider 2>&1 | tail -25 | tee -a "$OUT/session4.txt" ;;
+    packed)
+      run qwen2.5-7b 2048 2 --docs-per-row 4
+      run qwen2.5-7b 2048 2 --docs-per-row 4 --masked-packing
+      run qwen2.5-7b 2048 2 ;;
+    budget)
+      run qwen2.5-7b 2048 8 --cap-gb 16
+      run qwen2.5-7b 2048 8 --cap-gb 16 --gpu-memory 16GB
+      run qwen2.5-7b 2048 2 --cap-gb 16 --gpu-memory 16GB
+      run qwen2.5-1.5b 1024 16 --cap-gb 12 --gpu-memory 12GB
+      run qwen2.5-1.5b 1024 32 --cap-gb 12 ;;
+    offload)
+      run qwen2.5-7b 2048 4 --cap-gb 16
+      run qwen2.5-7b 2048 4 --cap-gb 16 --offload-activations 12
+      run qwen2.5-7b 2048 4 --cap-gb 16 --offload-activations 12 --kept-layers 6 ;;
+    long)
+      ENVS="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+      LIMIT=200 run qwen2.5-7b 65536 1 --cap-gb 16 --steps 4 --offload --mlp-chunk 8192
+      LIMIT=200 run qwen2.5-7b 98304 1 --cap-gb 16 --steps 4 --offload --mlp-chunk 8192
+      ENVS="" ;;
+    *) echo "unknown section $section" ;;
+  esac
+done

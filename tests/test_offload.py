@@ -73,6 +73,64 @@ def test_kept_layers_train_like_checkpointed_ones(tmp_path):
             torch.testing.assert_close(runs[name][1][key], grad, rtol=1e-5, atol=1e-6)
 
 
+def test_offloaded_activations_train_like_recomputed_ones(tmp_path, monkeypatch):
+    """offload_activations: the first layers run once, what they save goes to the host and comes back for their
+    backward (every tensor here: the 1 MiB floor lowered to 0); loss and LoRA gradients equal checkpointing every
+    layer, with kept layers too. Each layer's storages travel once however many views of them are saved."""
+    from lorafit.model import offload_activations
+
+    monkeypatch.setattr(offload_activations, "MIN_BYTES", 0)
+    moved = []
+    to_host = offload_activations.ActivationOffload._to_host
+    monkeypatch.setattr(offload_activations.ActivationOffload, "_to_host",
+                        lambda self, storage: moved.append(storage.data_ptr()) or to_host(self, storage))
+    unpacked = []
+    unpack = offload_activations.ActivationOffload._unpack
+    monkeypatch.setattr(offload_activations.ActivationOffload, "_unpack",
+                        lambda self, saved: unpacked.append(type(saved).__name__) or unpack(self, saved))
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2", num_hidden_layers=4)
+    model = load_model(str(folder), quantize=True).model
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    model.train()
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    calls = [0] * 4
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    runs, counted = {}, {}
+    for name, offloaded, kept in (("all", 0, 0), ("offload2", 2, 0), ("offload1+kept1", 1, 1)):
+        model.gradient_checkpointing, model.offloaded_layers, model.kept_layers = True, offloaded, kept
+        calls[:] = [0] * 4
+        runs[name] = loss_and_grads(model, ids, seed=3)
+        counted[name] = list(calls)
+    assert counted == {"all": [2] * 4, "offload2": [1, 1, 2, 2], "offload1+kept1": [1, 2, 2, 1]}
+    assert moved and unpacked.count("_Offloaded") >= len(moved)  # every host copy was used in backward
+    loss, grads = runs["all"]
+    for name in ("offload2", "offload1+kept1"):
+        torch.testing.assert_close(runs[name][0], loss)
+        for key, grad in grads.items():
+            torch.testing.assert_close(runs[name][1][key], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_offloaded_views_share_one_host_copy():
+    """Three views of one storage saved in one layer (as q, k and v's LoRA save the norm output) make one copy, and
+    each comes back as its own view with its own values."""
+    from lorafit.model import offload_activations
+
+    mover = offload_activations.ActivationOffload(torch.device("cpu"))
+    base = torch.randn(4, 2**18)  # 4 MiB
+    views = [base, base[1:3], base.t()[5:9]]
+    with mover.layer(0):
+        packed = [mover._pack(0, v) for v in views]
+    assert len(mover.host[0]) == 1
+    base.zero_()  # the copy was taken at save time
+    back = [mover._unpack(p) for p in packed]
+    assert back[0].untyped_storage().data_ptr() == back[1].untyped_storage().data_ptr()
+    assert [b.shape for b in back] == [v.shape for v in views] and [b.stride() for b in back] == [
+        v.stride() for v in views]
+    assert torch.equal(back[1], back[0][1:3]) and torch.equal(back[2], back[0].t()[5:9])
+    assert back[0].abs().sum() > 0
+
+
 def test_tiled_mlp_also_tiles_without_gradient(tmp_path):
     """An offloaded checkpoint runs its layer's forward without gradient: the MLP must be tiled there too (untiled,
     Qwen2.5-7B at 65,536 tokens held 7 GiB of [tokens, intermediate] tensors: the out-of-memory of issue 8's run).
@@ -105,3 +163,45 @@ def test_tiled_mlp_also_tiles_without_gradient(tmp_path):
     assert (8, intermediate) in shapes.seen
     assert not any(s[-1] == intermediate and 40 in s for s in shapes.seen)
     torch.testing.assert_close(tiled, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloaded_activations_on_gpu_equal_recomputation_and_hold_less(tmp_path):
+    """On the GPU, with the side stream and pinned copies: three optimizer steps of a QLoRA model (bf16 autocast,
+    tensors well over the 1 MiB floor) give the losses and adapter weights of checkpointing every layer, and the
+    offloaded run's peak stays below keeping every layer's activations."""
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2", num_hidden_layers=6, hidden_size=512, intermediate_size=1536,
+                                     num_attention_heads=8, num_key_value_heads=2)
+    ids = torch.randint(0, 256, (4, 1024), generator=torch.Generator().manual_seed(1)).cuda()
+    results = {}
+    for name, offloaded, checkpointing in (("recomputed", 0, True), ("offloaded", 5, True), ("kept", 0, False)):
+        model = load_model(str(folder), quantize=True, device="cuda").model
+        apply_lora(model, LoraConfig(r=8, alpha=16))
+        torch.manual_seed(0)
+        for module in model.modules():
+            if hasattr(module, "lora_B"):
+                torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+        model.train()
+        model.gradient_checkpointing, model.offloaded_layers = checkpointing, offloaded
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        losses = []
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, count = target_loss_sum(model, model(ids), ids)
+            (loss / count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss / count))
+        results[name] = (losses, torch.cat([p.detach().flatten() for p in trainable]),
+                         torch.cuda.max_memory_allocated())
+        del model, optimizer, trainable
+        torch.cuda.empty_cache()
+    base_losses, base_weights, _ = results["recomputed"]
+    losses, weights, peak = results["offloaded"]
+    assert losses == pytest.approx(base_losses, rel=2e-3)
+    assert ((weights - base_weights).norm() / base_weights.norm()).item() < 1e-3
+    assert peak < results["kept"][2]

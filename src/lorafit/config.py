@@ -133,6 +133,9 @@ class Config:
     kept_layers: int = _help("with gradient_checkpointing, the last N decoder layers keep their activations instead of "
                              "recomputing them: faster, more memory (--gpu-memory sets it from the spare memory)",
                              default=0)
+    offload_activations: int = _help("with gradient_checkpointing, the first N decoder layers neither recompute nor "
+                                     "keep their activations on the GPU: each goes to pinned CPU memory on a side "
+                                     "stream and comes back one layer ahead of its backward (experimental)", default=0)
     offload_checkpoints: bool = _help("with gradient_checkpointing, keep each layer's saved input in pinned CPU "
                                       "memory (copied on a side stream): long sequences fit", default=False)
     mlp_chunk_tokens: int = _help("> 0: run each MLP over this many tokens at a time in training, keeping only its "
@@ -171,9 +174,12 @@ class Config:
             raise ConfigError("set epochs > 0 or max_steps > 0")
         if self.kept_layers < 0:
             raise ConfigError(f"kept_layers must be >= 0, got {self.kept_layers}")
+        if self.offload_activations < 0:
+            raise ConfigError(f"offload_activations must be >= 0, got {self.offload_activations}")
         if self.cuda_graphs == "on":
             conflicts = {"method full": self.method == "full", "lora.dropout > 0": self.lora.dropout > 0,
-                         "offload_checkpoints": self.offload_checkpoints, "mlp_chunk_tokens": self.mlp_chunk_tokens > 0}
+                         "offload_checkpoints": self.offload_checkpoints, "mlp_chunk_tokens": self.mlp_chunk_tokens > 0,
+                         "offload_activations": self.offload_activations > 0}
             if any(conflicts.values()):
                 raise ConfigError("cuda_graphs on cannot record a micro-step with "
                                   + ", ".join(k for k, v in conflicts.items() if v) + "; set cuda_graphs off")

@@ -24,6 +24,7 @@ from torch import nn
 from lorafit.kernels.fused import rms_norm, rope, swiglu
 from lorafit.kernels.varlen_attention import Segments, use_varlen, varlen_attention
 from lorafit.model.offload import OffloadedCheckpoint, OffloadState, TiledMLP
+from lorafit.model.offload_activations import ActivationOffload
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -222,6 +223,7 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing = False
         self.offload_checkpoints = False  # with checkpointing: keep the saved layer inputs in CPU memory
         self.kept_layers = 0  # with checkpointing: the last N layers keep their activations (no recomputation)
+        self.offloaded_layers = 0  # with checkpointing: the first N layers' activations wait in CPU memory instead
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings on the compute device. A table kept in CPU memory (`embeddings_on_cpu`) is read there
@@ -253,10 +255,16 @@ class CausalLM(nn.Module):
         if offload is not None and not x.requires_grad:
             x = x.detach().requires_grad_(True)  # the reentrant form runs backward only for inputs that need grad
         first_kept = len(self.model.layers) - self.kept_layers
+        to_host = ActivationOffload(x.device) if checkpoint and self.offloaded_layers else None
+        if to_host is not None:
+            to_host.keep(cos, sin, mask if isinstance(mask, torch.Tensor) else None)
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.for_layer(i) if cache is not None else None
             if not checkpoint or i >= first_kept:
                 x = layer(x, cos, sin, mask, layer_cache)
+            elif i < self.offloaded_layers:
+                with to_host.layer(i):
+                    x = layer(x, cos, sin, mask, layer_cache)
             elif offload is not None:
                 x = OffloadedCheckpoint.apply(layer, i, offload, x, cos, sin, mask)
             else:  # a CUDA graph capture cannot read RNG state; it runs only without dropout

@@ -46,6 +46,7 @@ def graphs_unavailable(cfg, device: torch.device, world: int, streaming: bool) -
         "method full": cfg.method == "full",
         "lora.dropout > 0 (recomputation would need the RNG state)": cfg.lora.dropout > 0,
         "offload_checkpoints (pinned host copies)": cfg.offload_checkpoints,
+        "offload_activations (pinned host copies)": cfg.offload_activations > 0,
         "mlp_chunk_tokens (its recomputation restores RNG state)": cfg.mlp_chunk_tokens > 0,
         "layer streaming": streaming,
         "LORAFIT_REFERENCE_KERNELS=1 (the plain-PyTorch twins run as they are)": FORCE_REFERENCE,

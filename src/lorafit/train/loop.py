@@ -131,6 +131,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_checkpoints = cfg.offload_checkpoints
     model.kept_layers = cfg.kept_layers
+    model.offloaded_layers = cfg.offload_activations
     for layer in model.model.layers:
         layer.mlp.chunk_tokens = cfg.mlp_chunk_tokens
     d = distributed.prepare(model, cfg, d, device, progress.say)  # several processes: data parallel or FSDP2
