@@ -84,10 +84,13 @@ def test_offloaded_activations_train_like_recomputed_ones(tmp_path, monkeypatch)
     to_host = offload_activations.ActivationOffload._to_host
     monkeypatch.setattr(offload_activations.ActivationOffload, "_to_host",
                         lambda self, storage: moved.append(storage.data_ptr()) or to_host(self, storage))
-    unpacked = []
+    unpacked, events = [], []
     unpack = offload_activations.ActivationOffload._unpack
-    monkeypatch.setattr(offload_activations.ActivationOffload, "_unpack",
-                        lambda self, saved: unpacked.append(type(saved).__name__) or unpack(self, saved))
+    monkeypatch.setattr(offload_activations.ActivationOffload, "_unpack", lambda self, saved: unpacked.append(
+        type(saved).__name__) or events.append(("use", getattr(saved, "layer", None))) or unpack(self, saved))
+    to_device = offload_activations.ActivationOffload._to_device
+    monkeypatch.setattr(offload_activations.ActivationOffload, "_to_device",
+                        lambda self, layer: events.append(("back", layer)) or to_device(self, layer))
     folder, _ = make_tiny_checkpoint(tmp_path, "qwen2", num_hidden_layers=4)
     model = load_model(str(folder), quantize=True).model
     apply_lora(model, LoraConfig(r=4, alpha=8))
@@ -100,8 +103,14 @@ def test_offloaded_activations_train_like_recomputed_ones(tmp_path, monkeypatch)
     for name, offloaded, kept in (("all", 0, 0), ("offload2", 2, 0), ("offload1+kept1", 1, 1)):
         model.gradient_checkpointing, model.offloaded_layers, model.kept_layers = True, offloaded, kept
         calls[:] = [0] * 4
+        events.clear()
         runs[name] = loss_and_grads(model, ids, seed=3)
         counted[name] = list(calls)
+        if name == "offload2":  # each layer comes back once, before its first use: layer 1 when layer 2's
+            moves = [e for e in events if e[0] == "back"]  # gradient arrives, layer 0 while layer 1 computes
+            first_use = {layer: events.index(("use", layer)) for layer in (0, 1)}
+            assert moves == [("back", 1), ("back", 0)]
+            assert events.index(("back", 1)) < first_use[1] and events.index(("back", 0)) < first_use[0]
     assert counted == {"all": [2] * 4, "offload2": [1, 1, 2, 2], "offload1+kept1": [1, 2, 2, 1]}
     assert moved and unpacked.count("_Offloaded") >= len(moved)  # every host copy was used in backward
     loss, grads = runs["all"]

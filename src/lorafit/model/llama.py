@@ -265,11 +265,14 @@ class CausalLM(nn.Module):
             elif i < self.offloaded_layers:
                 with to_host.layer(i):
                     x = layer(x, cos, sin, mask, layer_cache)
+                continue
             elif offload is not None:
                 x = OffloadedCheckpoint.apply(layer, i, offload, x, cos, sin, mask)
             else:  # a CUDA graph capture cannot read RNG state; it runs only without dropout
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False,
                                                       preserve_rng_state=not capturing)
+            if to_host is not None and i == self.offloaded_layers:  # the first layer after the offloaded ones
+                to_host.bring_back_on_gradient(x, i - 1)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -94,13 +94,30 @@ class ActivationOffload:
             if self.stream is None:
                 back[key] = [host.clone(), None, True]
                 continue
+            # allocated for the compute stream (no separate pool for the side stream), so the copy into it waits
+            # until that stream is done with the block's earlier tenant: up to here, i.e. from the start of the
+            # backward of the layer after, which it overlaps
+            device_bytes = torch.empty(host.shape, dtype=torch.uint8, device=self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(copied)
-                device_bytes = host.to(self.device, non_blocking=True)
+                device_bytes.copy_(host, non_blocking=True)
                 arrived = torch.cuda.Event()
                 arrived.record(self.stream)
+            device_bytes.record_stream(self.stream)
             back[key] = [device_bytes, arrived, False]
         return back
+
+    def bring_back(self, layer: int) -> None:
+        """Start copying `layer`'s activations back (if still on the host), to overlap the backward in progress."""
+        if layer in self.host:
+            self.back[layer] = self._to_device(layer)
+
+    def bring_back_on_gradient(self, x: torch.Tensor, layer: int) -> None:
+        """When x's gradient arrives (x: the output of the layer after `layer`, whose backward then begins), bring
+        `layer` back, so even the first offloaded layer of the backward finds its activations there."""
+        if x.requires_grad:
+            x.register_hook(lambda grad: self.bring_back(layer))
 
     def _unpack(self, saved):
         if not isinstance(saved, _Offloaded):
@@ -108,14 +125,11 @@ class ActivationOffload:
         layer = saved.layer
         if layer not in self.back:  # the backward has reached this layer: the one after it is done
             self.back.pop(layer + 1, None)
-            self.back[layer] = self._to_device(layer)
-        if layer - 1 in self.host:  # and the layer before comes back while this one computes
-            self.back[layer - 1] = self._to_device(layer - 1)
+            self.bring_back(layer)
+        self.bring_back(layer - 1)  # the layer before comes back while this one computes
         entry = self.back[layer][saved.key]
         if not entry[2]:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(entry[1])
-            entry[0].record_stream(current)  # made on the side stream, used and freed on this one
+            torch.cuda.current_stream(self.device).wait_event(entry[1])
             entry[2] = True
         storage = entry[0].untyped_storage()
         return torch.empty(0, dtype=saved.dtype, device=entry[0].device).set_(storage, saved.offset, saved.size,
