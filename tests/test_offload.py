@@ -214,3 +214,16 @@ def test_offloaded_activations_on_gpu_equal_recomputation_and_hold_less(tmp_path
     assert losses == pytest.approx(base_losses, rel=2e-3)
     assert ((weights - base_weights).norm() / base_weights.norm()).item() < 1e-3
     assert peak < results["kept"][2]
+
+
+def test_offload_activations_config_is_checked_up_front():
+    from lorafit.config import ConfigError, load_config
+
+    base = {"model": {"path": "x"}, "data": {"train": "x.jsonl"}}
+    assert load_config(overrides={**base, "offload_activations": 3}).offload_activations == 3
+    with pytest.raises(ConfigError, match="offload_activations must be >= 0"):
+        load_config(overrides={**base, "offload_activations": -1})
+    with pytest.raises(ConfigError, match="gradient_checkpointing false"):
+        load_config(overrides={**base, "offload_activations": 2, "gradient_checkpointing": False})
+    with pytest.raises(ConfigError, match="offload_activations"):
+        load_config(overrides={**base, "offload_activations": 2, "cuda_graphs": "on"})

@@ -176,6 +176,9 @@ class Config:
             raise ConfigError(f"kept_layers must be >= 0, got {self.kept_layers}")
         if self.offload_activations < 0:
             raise ConfigError(f"offload_activations must be >= 0, got {self.offload_activations}")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ConfigError("offload_activations takes layers out of gradient checkpointing; with "
+                              "gradient_checkpointing false no layer is recomputed: set it to 0")
         if self.cuda_graphs == "on":
             conflicts = {"method full": self.method == "full", "lora.dropout > 0": self.lora.dropout > 0,
                          "offload_checkpoints": self.offload_checkpoints, "mlp_chunk_tokens": self.mlp_chunk_tokens > 0,
