@@ -140,6 +140,29 @@ def test_fastest_spends_spare_memory_on_kept_layers():
     assert speed(choice.run, shape.layers) > speed(replace(choice.run, kept_layers=0), shape.layers)
 
 
+def test_offloaded_layers_leave_the_gpu_plan():
+    """offload_activations: the first layers keep neither a checkpointed input nor their activations on the GPU; the
+    plan's peak is the later of the recomputed-layer moment and an offloaded layer's backward (two layers' saved
+    activations back), no layer counts as recomputed in the speed model, and the config's value reaches the plan."""
+    from lorafit.plan.fit import speed
+    from lorafit.plan.memory import layer_saved_per_token, saved_bytes
+
+    shape = shape_from_preset("qwen2.5-7b")
+    plain, offloaded = Run("qlora", 2048, 4, True), Run("qlora", 2048, 4, True, offloaded_layers=12)
+    a, b = estimate(shape, plain), estimate(shape, offloaded)
+    inputs = blk(2 * shape.hidden * plain.tokens)
+    assert a.moments["loss"] - b.moments["loss"] == 12 * inputs
+    two_layers = 2 * saved_bytes(layer_saved_per_token(shape, offloaded, 2), offloaded.tokens)
+    assert b.moments["offloaded"] > two_layers and b.allocated == max(b.moments.values())
+    everything = estimate(shape, replace(offloaded, offloaded_layers=28))
+    assert a.moments["loss"] - everything.moments["loss"] == 28 * inputs
+    assert speed(offloaded, 28) > speed(plain, 28) and speed(replace(offloaded, offloaded_layers=28), 28) == speed(
+        replace(plain, checkpointing=False), 28)
+    cfg = load_config(overrides={"model": {"path": "qwen2.5-7b"}, "data": {"train": "x.jsonl"},
+                                 "offload_activations": 5})
+    assert run_from_config(cfg)[1].offloaded_layers == 5
+
+
 def test_embedding_table_in_cpu_memory_leaves_the_gpu_plan_and_trace():
     """model.embeddings_on_cpu: the untied table (vocab x hidden bf16) is gone from both the formulas and the trace;
     a tied table (it is the LM head) stays."""

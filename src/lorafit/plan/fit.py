@@ -66,8 +66,9 @@ def make_plan(shape: Shape, run: Run, card: Card) -> Plan:
 
 def speed(run: Run, layers: int) -> float:
     """Relative training throughput (tokens/s up to a constant) of a micro-batch setting; see SATURATION_TOKENS.
-    Each recomputed layer adds its share of CHECKPOINT_SPEED's cost (kept layers are not recomputed)."""
-    recomputed = 0 if not run.checkpointing else max(0, layers - run.kept_layers) / layers
+    Each recomputed layer adds its share of CHECKPOINT_SPEED's cost (kept and offloaded layers are not recomputed;
+    offloaded ones are assumed to hide their copies)."""
+    recomputed = 0 if not run.checkpointing else max(0, layers - run.kept_layers - run.offloaded_layers) / layers
     return run.tokens / (run.tokens + SATURATION_TOKENS) / (1 + (1 / CHECKPOINT_SPEED - 1) * recomputed)
 
 
@@ -131,6 +132,7 @@ def run_from_config(cfg) -> tuple[Shape, Run, int]:
     optimizer = "paged_adamw_8bit" if cfg.optimizer == "auto" else cfg.optimizer
     run = Run(cfg.method, cfg.data.max_length, cfg.micro_batch_size, cfg.gradient_checkpointing, cfg.grad_accum,
               cfg.lora.r, tuple(cfg.lora.target_modules), cfg.data.packing, optimizer, kept_layers=cfg.kept_layers,
+              offloaded_layers=cfg.offload_activations,
               eval=bool(cfg.data.val or cfg.data.val_ratio > 0),  # train() then evaluates the loss before and after
               embeddings_on_cpu=wants_cpu_embeddings(cfg.model.embeddings_on_cpu, shape.tied, cfg.method))
     return shape, run, cfg.micro_batch_size * cfg.grad_accum

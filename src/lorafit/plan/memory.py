@@ -66,6 +66,7 @@ class Run:
     eval: bool = False  # validation loss computed (data.val or data.val_ratio): a no-grad pass with fp32 logits
     embeddings_on_cpu: bool = False  # the untied input embedding table stays in CPU memory (model.embeddings_on_cpu)
     kept_layers: int = 0  # with checkpointing, the last N layers keep their activations (config kept_layers)
+    offloaded_layers: int = 0  # with checkpointing, the first N layers' activations wait in CPU memory
 
     @property
     def tokens(self) -> int:
@@ -127,6 +128,12 @@ def stream_layer_bytes(shape: Shape) -> int:
 def stream_slots(shape: Shape, resident: int | None) -> int:
     """GPU slot buffers of layer streaming: two (double buffering), fewer when fewer layers stream."""
     return 0 if resident is None else min(2, max(0, shape.layers - resident))
+
+
+def layers_offloaded(shape: Shape, run: Run) -> int:
+    """Decoder layers neither recomputed nor kept: what they save waits in CPU memory (config offload_activations,
+    model/offload_activations.py); the first layers, kept ones excepted."""
+    return 0 if not run.checkpointing else max(0, min(run.offloaded_layers, shape.layers - layers_kept(shape, run)))
 
 
 def layers_kept(shape: Shape, run: Run) -> int:
@@ -305,9 +312,13 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
         which = "no checkpointing" if K == L else "the last ones, not recomputed"
         common.insert(0, Line("activations", f"saved activations ({K} layers, {which})",
                               K * saved_layer - first, f"{saved_tok:,} bytes per token per layer"))
-    if K < L:
-        common.insert(0, Line("activations", f"checkpointed layer inputs ({L - K} layers)", (L - K) * layer_input,
-                              f"{res} x hidden bytes per token per layer"))
+    off = layers_offloaded(shape, run)
+    if K + off < L:
+        common.insert(0, Line("activations", f"checkpointed layer inputs ({L - K - off} layers)",
+                              (L - K - off) * layer_input, f"{res} x hidden bytes per token per layer"))
+    if off:
+        common.insert(0, Line("activations", f"offloaded layers' activations ({off} layers)", 0,
+                              f"in pinned CPU memory: {off * saved_layer / 2**30:.2f} GiB of host memory"))
     if full and K:  # autocast's bf16 weight copies, saved by every linear for its backward
         common.append(Line("activations", "bf16 casts of every linear weight (autocast)",
                            K * sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
@@ -347,11 +358,12 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
         layer_extra = max(3 * mlp, mlp + wq)
     else:
         layer_extra = max(2 * mlp - (blk(act * run.lora_r * M) if not full else 0), mlp + wq)
+    mlp_backward = Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),
+                        layer_extra, "SwiGLU's backward: product, gate and up gradients while gate and up live")
+    flowing = Line("activations", "gradient flowing back", blk(res * H * M), "")
     layer_lines = [Line("activations", "recomputed last layer (saved for backward)", saved_layer - layer_input,
                         ", ".join(f"{k} {sum(v):,}" for k, v in saved.items()) + " bytes per token"),
-                   Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),
-                        layer_extra, "SwiGLU's backward: product, gate and up gradients while gate and up live"),
-                   Line("activations", "gradient flowing back", blk(res * H * M), "")]
+                   mlp_backward, flowing]
     if K:  # the first layer backward reaches keeps its activations (they are in `common`): nothing recomputed yet
         layer_lines = layer_lines[1:]
     elif full:  # the recomputed layer casts its weights to bf16 again
@@ -367,6 +379,11 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
 
     moments = {"loss": loss_peak, "layer": layer_peak, "optimizer": opt_peak}
     at = {"loss": common + loss_lines, "layer": common + layer_lines, "optimizer": opt_lines}
+    if off:  # an offloaded layer's backward: its activations back, and the layer before's on their way
+        at["offloaded"] = [*(x for x in common if "rope" in x.what or "earlier micro-batches" in x.what),
+                           Line("activations", "an offloaded layer and the one before it, back on the GPU",
+                                2 * saved_layer, "copied back one layer ahead of its backward"), mlp_backward, flowing]
+        moments["offloaded"] = base + sum(x.bytes for x in at["offloaded"])
     if run.eval:  # moment 4: validation loss (eval/likelihood.py), before and after training, without gradient
         at["eval"] = [Line("activations", "final hidden state, gathered target states, token ids",
                            blk(act * H * M) + blk(act * H * N) + batch_ints, "nothing of the forward is saved"),
