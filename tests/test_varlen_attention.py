@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 from lorafit.data.batching import collate, segment_bounds
 from lorafit.data.example import Example
-from lorafit.kernels.varlen_attention import Segments, varlen_attention, varlen_attention_reference
+from lorafit.kernels.varlen_attention import (
+    Segments,
+    flash_supported,
+    varlen_attention,
+    varlen_attention_reference,
+)
 from lorafit.model import llama
 from lorafit.model.llama import build_mask
 from lorafit.model.load import load_model
@@ -118,6 +123,7 @@ def test_flash_varlen_equals_reference_and_mask(heads, kv_heads, d, window):
     """bf16 on the GPU: flash attention's varlen kernel against the twin (fp32) and the masked sdpa, gradients
     included, on real packed shapes (GQA 28/4 with head_dim 128 as Qwen2.5-7B, 9/3 with 64 as SmolLM2-135M)."""
     q, k, v, seq_ids = _packed_qkv(2, 16, heads, kv_heads, d, torch.bfloat16, "cuda")
+    assert flash_supported(q)  # else both sides below would be the twin
     fast = _outputs_and_grads(lambda *t: _as_segments(*t, seq_ids, window, varlen_attention), q, k, v)
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     twin = _outputs_and_grads(lambda *t: _as_segments(*t, seq_ids, window, varlen_attention_reference), q32, k32, v32)
