@@ -9,10 +9,12 @@ gate and up, so this Function keeps only those two and makes p again in backward
     backward:  gb = g B;  dL/dB = s g^T pa;  p again;  dL/dA = s gb^T p;  dL/dp = g W + s gb A;
                dL/dgate, dL/dup = SwiGLU's backward of dL/dp
 
-Saved per token and layer: 2 x intermediate instead of 3 (Qwen2.5-7B: 110 instead of 148 KB per token, a quarter
-less; what a kept layer, one not recomputed, costs). The recomputed layer's backward peak is unchanged (gate, up,
-dL/dp and the two gradients). Used when down_proj is a LoRA linear without dropout (dropout would need its mask);
-the twin is the plain composition `down_proj(swiglu(gate, up))`, tests/test_kernels.py compares the two.
+Saved per token and layer: 2 x intermediate instead of 3 (Qwen2.5-7B: 111 instead of 148 KB per token, a quarter
+less). That pays where saved tensors wait: layers that are not recomputed (kept, offloaded, or no checkpointing).
+A recomputed layer's saved tensors live for its own backward only, whose peak is the same either way (gate, up,
+dL/dp and the two gradients), so it keeps the product and skips the extra kernel (`MLP.keep_product`). Used when
+down_proj is a LoRA linear without dropout (dropout would need its mask); the twin is the plain composition
+`down_proj(swiglu(gate, up))`, tests/test_kernels.py compares the two.
 """
 
 from __future__ import annotations

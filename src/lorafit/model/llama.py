@@ -151,6 +151,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
         self.chunk_tokens = 0  # > 0: tiled over this many tokens in training (long sequences; model/offload.py)
+        # set per forward: a recomputed layer's saved tensors live one layer's backward only, so it keeps the SwiGLU
+        # product rather than making it again (kernels/swiglu_lora.py: that saves memory only where tensors wait)
+        self.keep_product = False
 
     def forward(self, x):
         # tiled with and without gradient: an offloaded checkpoint's forward runs without, and untiled there the MLP of
@@ -161,7 +164,7 @@ class MLP(nn.Module):
 
     def plain_forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if hasattr(self.down_proj, "forward_swiglu"):  # a LoRA down_proj keeps gate and up, not their product
+        if hasattr(self.down_proj, "forward_swiglu") and not self.keep_product:  # keeps gate and up, not the product
             return self.down_proj.forward_swiglu(gate, up)
         return self.down_proj(swiglu(gate, up))
 
@@ -260,6 +263,7 @@ class CausalLM(nn.Module):
             to_host.keep(cos, sin, mask if isinstance(mask, torch.Tensor) else None)
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.for_layer(i) if cache is not None else None
+            layer.mlp.keep_product = checkpoint and self.offloaded_layers <= i < first_kept
             if not checkpoint or i >= first_kept:
                 x = layer(x, cos, sin, mask, layer_cache)
             elif i < self.offloaded_layers:

@@ -220,18 +220,19 @@ def optimizer_bytes(tensors: list[int], optimizer: str) -> tuple[int, int]:
 # --- activations ---------------------------------------------------------------------------------------------------
 
 
-def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, list[int]]:
+def layer_saved_per_token(shape: Shape, run: Run, act: int, recomputed: bool = False) -> dict[str, list[int]]:
     """Bytes per token of each tensor one decoder layer keeps for its backward (what a checkpointed layer
-    recomputes), grouped for the table; the first entry is the layer input.
+    recomputes: `recomputed`), grouped for the table; the first entry is the layer input.
 
     The compiled RMSNorm saves its input as it is and an fp32 1/rms per token (no fp32 copy: listed by
     saved_tensors_hooks around the compiled function), so the layer input x and the mid-layer residual h are saved
     by the norms. The norms' outputs are saved by the projections' LoRA (A's gradient needs the input; the frozen
     path shares it). The compiled RoPE saves only cos/sin, so q and k after rope are new tensors, saved by flash
     attention with v as projected, its output and an fp32 log-sum-exp per head (never a T x T matrix). Each LoRA
-    saves its rank-r middle (x A^T). The MLP keeps gate and up: with a LoRA down_proj the product silu(gate) * up is
-    made again in its backward (kernels/swiglu_lora.py); otherwise the compiled SwiGLU saves gate and up and down_proj
-    its input, the product (three [tokens, I] tensors). Qwen3's q/k norms save q and k as projected.
+    saves its rank-r middle (x A^T). The MLP keeps gate and up: in a layer that is not recomputed, with a LoRA
+    down_proj, the product silu(gate) * up is made again in its backward (kernels/swiglu_lora.py); otherwise the
+    compiled SwiGLU saves gate and up and down_proj its input, the product (three [tokens, I] tensors). Qwen3's q/k
+    norms save q and k as projected.
     Full fine-tuning (approximate): x and h are fp32, and autocast saves one bf16 cast of the norm output per
     projection (q, k, v; gate, up) instead of the shared output.
     """
@@ -239,13 +240,13 @@ def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, list[in
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lora = sum(1 for name, *_ in shape.linears() if name in run.lora_targets) if run.method != "full" else 0
     outputs = [act * H] * (5 if run.method == "full" else 2)
+    free = product_free_mlp(run) and not recomputed
     saved = {
         "layer input and mid residual (saved by the norms), 1/rms": [res * H, res * H, 4, 4],
         "norm outputs (saved by the projections)": outputs,
         "attention q, k, v, output, log-sum-exp": [act * q, act * kv, act * kv, act * q, 4 * shape.heads],
         "LoRA middles (x A^T)": [act * run.lora_r] * lora,
-        "MLP gate, up" + ("" if product_free_mlp(run) else ", product"): [act * inter] * (
-            2 if product_free_mlp(run) else 3),
+        "MLP gate, up" + ("" if free else ", product"): [act * inter] * (2 if free else 3),
     }
     if shape.qk_norm:
         saved["q/k norm inputs and 1/rms"] = [act * q, act * kv, 4 * shape.heads, 4 * shape.kv_heads]
@@ -253,7 +254,8 @@ def layer_saved_per_token(shape: Shape, run: Run, act: int) -> dict[str, list[in
 
 
 def product_free_mlp(run: Run) -> bool:
-    """Whether the MLP keeps no SwiGLU product for backward: down_proj is a LoRA linear (kernels/swiglu_lora.py)."""
+    """Whether a layer that is not recomputed keeps no SwiGLU product for backward: down_proj is a LoRA linear
+    (kernels/swiglu_lora.py; a recomputed layer keeps it, its saved tensors living one layer's backward only)."""
     return run.method != "full" and "down_proj" in run.lora_targets
 
 
@@ -354,18 +356,22 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     # dequantized weight (+1 and W), which is larger only when tokens < hidden.
     mlp = blk(act * inter * M)
     wq = blk(2 * H * inter) if run.method == "qlora" else 0  # dequantized down_proj (the kernel allocates no more)
-    if product_free_mlp(run):  # saved gate and up; the product's gradient, then SwiGLU's two gradients
-        layer_extra = max(3 * mlp, mlp + wq)
-    else:
-        layer_extra = max(2 * mlp - (blk(act * run.lora_r * M) if not full else 0), mlp + wq)
-    mlp_backward = Line("activations", "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else ""),
-                        layer_extra, "SwiGLU's backward: product, gate and up gradients while gate and up live")
+    what = "MLP backward: gradients of [tokens, I]" + (" + dequantized W" if wq else "")
+    why = "SwiGLU's backward: product, gate and up gradients while gate and up live"
+    # product kept (a recomputed layer): it and down_proj's middle are freed before SwiGLU's gradients come
+    mlp_backward = Line("activations", what, max(2 * mlp - (blk(act * run.lora_r * M) if not full else 0), mlp + wq),
+                        why)
+    # product made again (a kept or offloaded layer): the product's gradient, then SwiGLU's two gradients
+    mlp_backward_free = (Line("activations", what, max(3 * mlp, mlp + wq), why) if product_free_mlp(run)
+                         else mlp_backward)
     flowing = Line("activations", "gradient flowing back", blk(res * H * M), "")
-    layer_lines = [Line("activations", "recomputed last layer (saved for backward)", saved_layer - layer_input,
-                        ", ".join(f"{k} {sum(v):,}" for k, v in saved.items()) + " bytes per token"),
+    recomputed = layer_saved_per_token(shape, run, act, recomputed=True)
+    layer_lines = [Line("activations", "recomputed last layer (saved for backward)",
+                        saved_bytes(recomputed, M) - layer_input,
+                        ", ".join(f"{k} {sum(v):,}" for k, v in recomputed.items()) + " bytes per token"),
                    mlp_backward, flowing]
     if K:  # the first layer backward reaches keeps its activations (they are in `common`): nothing recomputed yet
-        layer_lines = layer_lines[1:]
+        layer_lines = [mlp_backward_free, flowing]
     elif full:  # the recomputed layer casts its weights to bf16 again
         layer_lines.append(Line("activations", "bf16 casts of the layer's weights (autocast)",
                                 sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
@@ -382,7 +388,8 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     if off:  # an offloaded layer's backward: its activations back, and the layer before's on their way
         at["offloaded"] = [*(x for x in common if "rope" in x.what or "earlier micro-batches" in x.what),
                            Line("activations", "an offloaded layer and the one before it, back on the GPU",
-                                2 * saved_layer, "copied back one layer ahead of its backward"), mlp_backward, flowing]
+                                2 * saved_layer, "copied back one layer ahead of its backward"), mlp_backward_free,
+                           flowing]
         moments["offloaded"] = base + sum(x.bytes for x in at["offloaded"])
     if run.eval:  # moment 4: validation loss (eval/likelihood.py), before and after training, without gradient
         at["eval"] = [Line("activations", "final hidden state, gathered target states, token ids",
