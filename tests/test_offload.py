@@ -112,6 +112,8 @@ def test_offloaded_activations_train_like_recomputed_ones(tmp_path, monkeypatch)
             assert moves == [("back", 1), ("back", 0)]
             assert events.index(("back", 1)) < first_use[1] and events.index(("back", 0)) < first_use[0]
     assert counted == {"all": [2] * 4, "offload2": [1, 1, 2, 2], "offload1+kept1": [1, 2, 2, 1]}
+    # only the recomputed layers keep their SwiGLU product (kernels/swiglu_lora.py)
+    assert [layer.mlp.keep_product for layer in model.model.layers] == [False, True, True, False]
     assert moved and unpacked.count("_Offloaded") >= len(moved)  # every host copy was used in backward
     loss, grads = runs["all"]
     for name in ("offload2", "offload1+kept1"):
