@@ -86,8 +86,16 @@ def test_offloaded_activations_train_like_recomputed_ones(tmp_path, monkeypatch)
                         lambda self, storage: moved.append(storage.data_ptr()) or to_host(self, storage))
     unpacked, events = [], []
     unpack = offload_activations.ActivationOffload._unpack
-    monkeypatch.setattr(offload_activations.ActivationOffload, "_unpack", lambda self, saved: unpacked.append(
-        type(saved).__name__) or events.append(("use", getattr(saved, "layer", None))) or unpack(self, saved))
+    on_gpu = []  # layers whose activations are back on the device, at each use
+
+    def unpack_and_count(self, saved):
+        unpacked.append(type(saved).__name__)
+        events.append(("use", getattr(saved, "layer", None)))
+        out = unpack(self, saved)
+        on_gpu.append(len(self.back))
+        return out
+
+    monkeypatch.setattr(offload_activations.ActivationOffload, "_unpack", unpack_and_count)
     to_device = offload_activations.ActivationOffload._to_device
     monkeypatch.setattr(offload_activations.ActivationOffload, "_to_device",
                         lambda self, layer: events.append(("back", layer)) or to_device(self, layer))
@@ -100,23 +108,27 @@ def test_offloaded_activations_train_like_recomputed_ones(tmp_path, monkeypatch)
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     runs, counted = {}, {}
-    for name, offloaded, kept in (("all", 0, 0), ("offload2", 2, 0), ("offload1+kept1", 1, 1)):
+    for name, offloaded, kept in (("all", 0, 0), ("offload3", 3, 0), ("offload2", 2, 0), ("offload1+kept1", 1, 1)):
         model.gradient_checkpointing, model.offloaded_layers, model.kept_layers = True, offloaded, kept
         calls[:] = [0] * 4
         events.clear()
+        on_gpu.clear()
         runs[name] = loss_and_grads(model, ids, seed=3)
         counted[name] = list(calls)
+        if name == "offload3":
+            assert max(on_gpu) == 2  # the layer in backward and the one before it, never more
         if name == "offload2":  # each layer comes back once, before its first use: layer 1 when layer 2's
             moves = [e for e in events if e[0] == "back"]  # gradient arrives, layer 0 while layer 1 computes
             first_use = {layer: events.index(("use", layer)) for layer in (0, 1)}
             assert moves == [("back", 1), ("back", 0)]
             assert events.index(("back", 1)) < first_use[1] and events.index(("back", 0)) < first_use[0]
-    assert counted == {"all": [2] * 4, "offload2": [1, 1, 2, 2], "offload1+kept1": [1, 2, 2, 1]}
+    assert counted == {"all": [2] * 4, "offload3": [1, 1, 1, 2], "offload2": [1, 1, 2, 2],
+                       "offload1+kept1": [1, 2, 2, 1]}
     # only the recomputed layers keep their SwiGLU product (kernels/swiglu_lora.py)
     assert [layer.mlp.keep_product for layer in model.model.layers] == [False, True, True, False]
     assert moved and unpacked.count("_Offloaded") >= len(moved)  # every host copy was used in backward
     loss, grads = runs["all"]
-    for name in ("offload2", "offload1+kept1"):
+    for name in ("offload3", "offload2", "offload1+kept1"):
         torch.testing.assert_close(runs[name][0], loss)
         for key, grad in grads.items():
             torch.testing.assert_close(runs[name][1][key], grad, rtol=1e-5, atol=1e-6)

@@ -48,6 +48,8 @@ class ActivationOffload:
         self.kept: set[int] = set()
         self.host: dict[int, dict[int, tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
         self.back: dict[int, dict[int, list]] = {}  # layer -> key -> [device bytes, arrival event, waited]
+        self.alive: list[torch.UntypedStorage] = []
+        self.current: int | None = None  # the layer whose backward is running
 
     def keep(self, *tensors: torch.Tensor | None) -> None:
         """Tensors that every layer shares: saved as they are, never copied."""
@@ -57,8 +59,8 @@ class ActivationOffload:
     def layer(self, i: int):
         """Run layer `i`'s forward inside: what it saves for backward is offloaded."""
         self.host[i] = {}
-        self.alive: list[torch.UntypedStorage] = []  # till the layer ends: no other storage can take a saved one's
-        try:                                           # address, which keys its host copy
+        self.alive = []  # till the layer ends, so that no other storage can take a saved one's address (its key)
+        try:
             with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, i), self._unpack):
                 yield
         finally:
@@ -123,10 +125,11 @@ class ActivationOffload:
         if not isinstance(saved, _Offloaded):
             return saved
         layer = saved.layer
-        if layer not in self.back:  # the backward has reached this layer: the one after it is done
-            self.back.pop(layer + 1, None)
-            self.bring_back(layer)
-        self.bring_back(layer - 1)  # the layer before comes back while this one computes
+        if layer != self.current:  # the backward has reached this layer: the one after it is done
+            self.back.pop(self.current, None)
+            self.current = layer
+            self.bring_back(layer)  # unless it came back already
+            self.bring_back(layer - 1)  # the layer before comes back while this one computes
         entry = self.back[layer][saved.key]
         if not entry[2]:
             torch.cuda.current_stream(self.device).wait_event(entry[1])
