@@ -24,6 +24,12 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _head_kernel_applies(model, hidden: torch.Tensor) -> bool:
+    """kernels.cross_entropy: a frozen head (LoRA, QLoRA), a gradient wanted, the fast kernels on."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and not model.lm_head.weight.requires_grad
+            and not FORCE_REFERENCE)
+
+
 def target_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor,
                     chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their count.
@@ -38,9 +44,9 @@ def target_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor,
     count = targets.numel()
     if count == 0:
         return hidden.sum() * 0.0, 0
-    needs_grad = torch.is_grad_enabled() and hidden.requires_grad
-    if needs_grad and not model.lm_head.weight.requires_grad and not FORCE_REFERENCE:
+    if _head_kernel_applies(model, hidden):
         return linear_cross_entropy_sum(hidden, model.lm_head.weight, targets, chunk_tokens), count
+    needs_grad = torch.is_grad_enabled() and hidden.requires_grad
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
@@ -60,8 +66,7 @@ def every_position_loss_sum(model, hidden: torch.Tensor, labels: torch.Tensor,
     head's work on prompt positions."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    if torch.is_grad_enabled() and hidden.requires_grad and not model.lm_head.weight.requires_grad \
-            and not FORCE_REFERENCE:
+    if _head_kernel_applies(model, hidden):
         return linear_cross_entropy_sum(hidden, model.lm_head.weight, targets, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
