@@ -306,7 +306,9 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     layer_input = blk(res * H * M)
     rope = 2 * blk(act * M * shape.head_dim)  # cos and sin [B, T, head_dim], shared by every layer
     batch_ints = 3 * blk(8 * M)  # input ids, labels, positions (int64)
-    common = [Line("activations", "rope cos/sin, token ids, labels, positions", rope + batch_ints, "")]
+    # alive through the whole backward, unlike the layer lines inserted before it
+    to_the_end = [Line("activations", "rope cos/sin, token ids, labels, positions", rope + batch_ints, "")]
+    common = list(to_the_end)
     K = layers_kept(shape, run)
     if K:
         # the first layer's input norm saves nothing: with a frozen embedding its input needs no gradient
@@ -326,7 +328,8 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
                            K * sum(blk(2 * i * o) for _, i, o, _ in shape.linears()), ""))
     grads = sum(blk(4 * n) for n in tensors)
     if run.grad_accum > 1:  # the earlier micro-batches' gradients wait for the optimizer step
-        common.append(Line("trainable", "gradients of earlier micro-batches (fp32)", grads, "accumulation"))
+        to_the_end.append(Line("trainable", "gradients of earlier micro-batches (fp32)", grads, "accumulation"))
+        common.append(to_the_end[-1])
     common_bytes = sum(x.bytes for x in common)
 
     # moment 1: the LM head and loss
@@ -386,7 +389,7 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     moments = {"loss": loss_peak, "layer": layer_peak, "optimizer": opt_peak}
     at = {"loss": common + loss_lines, "layer": common + layer_lines, "optimizer": opt_lines}
     if off:  # an offloaded layer's backward: its activations back, and the layer before's on their way
-        at["offloaded"] = [*(x for x in common if "rope" in x.what or "earlier micro-batches" in x.what),
+        at["offloaded"] = [*to_the_end,
                            Line("activations", "an offloaded layer and the one before it, back on the GPU",
                                 2 * saved_layer, "copied back one layer ahead of its backward"), mlp_backward_free,
                            flowing]
