@@ -25,7 +25,9 @@ for section in "$@"; do
   case $section in
     tests)
       timeout 240 python -m pytest -q -m gpu tests/test_varlen_attention.py tests/test_kernels.py \
-        tests/test_offload.py tests/test_graphs.py -p no:cacheprovider 2>&1 | tail -25 | tee -a "$OUT/session4.txt" ;;
+        tests/test_offload.py tests/test_graphs.py ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider -p no:logging \
+        --tb=short > "$OUT/tests.txt" 2>&1
+      grep -E "^(FAILED|ERROR|E )|passed|failed" "$OUT/tests.txt" | head -40 | tee -a "$OUT/session4.txt" ;;
     packed)
       run qwen2.5-7b 2048 2 --docs-per-row 4
       run qwen2.5-7b 2048 2 --docs-per-row 4 --masked-packing

@@ -56,7 +56,7 @@ def _packed_qkv(B, T, heads, kv_heads, d, dtype=torch.float32, device="cpu", see
 
 def _masked(q, k, v, seq_ids, window):
     positions = torch.arange(q.shape[2]).expand(q.shape[0], -1)
-    mask = build_mask(positions, seq_ids, None, 0, window).to(q.device)
+    mask = build_mask(positions, seq_ids.cpu(), None, 0, window).to(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -127,7 +127,7 @@ def test_flash_varlen_equals_reference_and_mask(heads, kv_heads, d, window):
     fast = _outputs_and_grads(lambda *t: _as_segments(*t, seq_ids, window, varlen_attention), q, k, v)
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     twin = _outputs_and_grads(lambda *t: _as_segments(*t, seq_ids, window, varlen_attention_reference), q32, k32, v32)
-    masked = _outputs_and_grads(lambda *t: _masked(*t, seq_ids.cuda(), window), q32, k32, v32)
+    masked = _outputs_and_grads(lambda *t: _masked(*t, seq_ids, window), q32, k32, v32)
     real = (seq_ids >= 0).cuda()[:, None, :, None]
     for want in (twin, masked):
         torch.testing.assert_close((fast[0] * real).float(), want[0] * real, atol=2e-2, rtol=2e-2)
@@ -151,3 +151,26 @@ def test_flash_varlen_long_packed_row_keeps_no_scores():
     assert kept < 2 * out.numel() * out.element_size() + 2**20
     out.float().square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_packed_rows_train_under_checkpointing_from_a_fresh_probe(tmp_path, monkeypatch):
+    """The flash probe runs once per device, the first time packed rows meet the model. Run inside a checkpointed
+    layer, its saved tensors counted in the forward but not in the recomputation and backward failed; the model
+    now probes before its layers."""
+    from lorafit.kernels import varlen_attention as module
+
+    monkeypatch.setattr(module, "_probed", {})
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+    model = load_model(str(folder), device="cuda").model.train()
+    model.gradient_checkpointing = True
+    examples = [Example(torch.randint(1, 256, (n,)).tolist(), [1] * n) for n in (7, 5, 9, 3)]
+    batch = collate(examples, [[0, 1], [2, 3]], pad_id=0, packing=True).to("cuda")
+    embeds = model.embed(batch.input_ids).detach().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids,
+                       inputs_embeds=embeds, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+    hidden.float().square().sum().backward()
+    assert module._probed == {torch.device("cuda", 0): True} or module._probed == {torch.device("cuda"): True}
+    assert torch.isfinite(embeds.grad).all()

@@ -123,5 +123,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
 
 
 def use_varlen(x: torch.Tensor) -> bool:
-    """Whether packed rows take the varlen kernel (CUDA fast path) rather than the masked sdpa (the reference)."""
-    return x.is_cuda and not FORCE_REFERENCE
+    """Whether packed rows take the varlen kernel (CUDA fast path) rather than the masked sdpa (the reference).
+    Called by the model before its layers, so the one-time probe runs here: inside a checkpointed layer its saved
+    tensors would count in the first forward and not in the recomputation, which checkpoint refuses."""
+    if not x.is_cuda or FORCE_REFERENCE:
+        return False
+    _flash_varlen_runs(x.device)
+    return True
