@@ -230,11 +230,13 @@ def test_offloaded_activations_on_gpu_equal_recomputation_and_hold_less(tmp_path
         torch.cuda.empty_cache()
     losses, grads, weights, peak = results["offloaded"]
     assert grads.norm() > 0 and losses[-1] != losses[0]  # the steps change something for the comparison to see
-    for base in ("kept", "recomputed"):
+    # kept: the same arithmetic, so close; recomputed layers keep the SwiGLU product and run down_proj as the plain
+    # LoRA linear, another bf16 rounding order (losses 0.15-0.4% apart on the H100, steps 1-3)
+    for base, loss_rel, grad_rel in (("kept", 1e-3, 2e-2), ("recomputed", 1e-2, 5e-2)):
         base_losses, base_grads, base_weights, _ = results[base]
-        assert losses == pytest.approx(base_losses, rel=1e-3), base
-        assert ((grads - base_grads).norm() / base_grads.norm()).item() < 2e-2, base
-        assert ((weights - base_weights).norm() / base_weights.norm()).item() < 1e-3, base
+        assert losses == pytest.approx(base_losses, rel=loss_rel), base
+        assert ((grads - base_grads).norm() / base_grads.norm()).item() < grad_rel, base
+        assert ((weights - base_weights).norm() / base_weights.norm()).item() < loss_rel, base
     assert peak < results["kept"][3]
 
 
