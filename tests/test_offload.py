@@ -203,8 +203,8 @@ def test_offloaded_activations_on_gpu_equal_recomputation_and_hold_less(tmp_path
     results = {}
     for name, offloaded, checkpointing in (("recomputed", 0, True), ("offloaded", 5, True), ("kept", 0, False)):
         model = load_model(str(folder), quantize=True, device="cuda").model
+        torch.manual_seed(0)  # lora_A's init too: the same adapter in every run
         apply_lora(model, LoraConfig(r=8, alpha=16))
-        torch.manual_seed(0)
         for module in model.modules():
             if hasattr(module, "lora_B"):
                 torch.nn.init.normal_(module.lora_B.weight, std=0.02)
@@ -230,9 +230,8 @@ def test_offloaded_activations_on_gpu_equal_recomputation_and_hold_less(tmp_path
         torch.cuda.empty_cache()
     losses, grads, weights, peak = results["offloaded"]
     assert grads.norm() > 0 and losses[-1] != losses[0]  # the steps change something for the comparison to see
-    # kept: the same arithmetic, so close; recomputed layers keep the SwiGLU product and run down_proj as the plain
-    # LoRA linear, another bf16 rounding order (losses 0.15-0.4% apart on the H100, steps 1-3)
-    for base, loss_rel, grad_rel in (("kept", 1e-3, 2e-2), ("recomputed", 1e-2, 5e-2)):
+    # recomputed layers keep the SwiGLU product and run down_proj as the plain LoRA linear: another bf16 rounding order
+    for base, loss_rel, grad_rel in (("kept", 1e-3, 2e-2), ("recomputed", 2e-3, 5e-2)):
         base_losses, base_grads, base_weights, _ = results[base]
         assert losses == pytest.approx(base_losses, rel=loss_rel), base
         assert ((grads - base_grads).norm() / base_grads.norm()).item() < grad_rel, base
