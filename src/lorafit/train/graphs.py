@@ -71,6 +71,7 @@ class GraphedMicroStep:
         self.recording: _Recording | None = None
         self.key = None  # (shape, packed) of the recording; None until the first micro-batch
         self.failed = False
+        self.embeds: torch.Tensor | None = None  # the current micro-batch's rows of a CPU-kept table, if given
         self.stream = torch.cuda.Stream()
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor], inv_targets: torch.Tensor) -> torch.Tensor:
@@ -81,8 +82,10 @@ class GraphedMicroStep:
         (loss * inv_targets).backward()
         return loss.detach()
 
-    def run(self, batch, inv_targets: float) -> torch.Tensor:
-        """The micro-batch's summed loss (a GPU scalar, valid until the next call)."""
+    def run(self, batch, inv_targets: float, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The micro-batch's summed loss (a GPU scalar, valid until the next call). `embeds`: its rows of a
+        CPU-kept embedding table when already gathered on the host (train/staging.py)."""
+        self.embeds = embeds
         key = (tuple(batch.input_ids.shape), batch.seq_ids is not None)
         if self.key is None and not self.failed:
             self.key = key
@@ -102,7 +105,8 @@ class GraphedMicroStep:
         host = {name: getattr(batch, name) for name in names}
         table = self.model.model.embed_tokens.weight
         if table.device.type == "cpu":  # model.embeddings_on_cpu: the rows are looked up here, outside the graph
-            host["inputs_embeds"] = torch.nn.functional.embedding(batch.input_ids, table)
+            host["inputs_embeds"] = (self.embeds if self.embeds is not None
+                                     else torch.nn.functional.embedding(batch.input_ids, table))
         return host
 
     def _inputs(self, batch) -> dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ from lorafit.train.loss import target_loss_sum
 from lorafit.train.optim import build_optimizer, build_scheduler
 from lorafit.train.progress import Progress
 from lorafit.train.record import MetricsLog, data_fingerprint, library_versions, peak_cpu_memory_gb, write_json_atomic
+from lorafit.train.staging import Lookahead, MicroInputs, host_inputs
 from lorafit.train.trackers import Trackers
 from lorafit.train.watch import TrainingWatch
 
@@ -167,6 +168,15 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     start_row = meta.get("rows", start_step * rows_per_step)
     total_steps = cfg.max_steps or max(1, start_step + math.ceil(
         (cfg.epochs * stream.rows_per_epoch() - start_row) / rows_per_step))
+    host_table = model.model.embed_tokens.weight if cpu_embeddings else None
+
+    def step_inputs(step: int, micro_batch_size: int) -> list[MicroInputs]:
+        """This process's micro-batches of a step (its share of the rows: every d.world-th), ready on the host."""
+        rows = d.local_rows(start_row + (step - start_step) * rows_per_step, rows_per_step)
+        return [host_inputs(stream.batch_of(rows[j:j + micro_batch_size])[0], host_table, device.type == "cuda")
+                for j in range(0, len(rows), micro_batch_size)]
+
+    lookahead = Lookahead(step_inputs)
     optimizer = build_optimizer(trainable, distributed.optimizer_name(cfg.optimizer, d.strategy), cfg.learning_rate,
                                 cfg.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -205,20 +215,18 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
         while step < total_steps:
             t0 = time.perf_counter()
             row = start_row + (step - start_step) * rows_per_step
-            rows = d.local_rows(row, rows_per_step)  # this process's share: every d.world-th row
-            micro = [stream.batch_of(rows[j:j + micro_batch_size]) for j in range(0, len(rows), micro_batch_size)]
+            micro = lookahead.take(step, micro_batch_size)
             # the targets of the whole global batch, so N processes train exactly like one
-            num_targets = max(1, int(d.sum([sum(batch.num_targets for batch, _ in micro)])[0]))
+            num_targets = max(1, int(d.sum([sum(m.batch.num_targets for m in micro)])[0]))
             hidden = batch_loss = None
             loss_total, out_of_memory = torch.zeros((), device=device), False
             try:
-                for i, (batch, _) in enumerate(micro):
+                for i, inputs in enumerate(micro):
                     distributed.set_grad_sync(model, d, i == len(micro) - 1)
                     if graphed is not None:
-                        batch_loss = graphed.run(batch, 1.0 / num_targets)
+                        batch_loss = graphed.run(inputs.batch, 1.0 / num_targets, inputs.embeds)
                     else:
-                        embeds = model.embed(batch.input_ids) if cpu_embeddings else None  # ids still on the host
-                        batch = batch.to(device)
+                        batch, embeds = inputs.to(device)
                         with autocast() if autocast else contextlib.nullcontext():
                             hidden = model(batch.input_ids, position_ids=batch.position_ids, seq_ids=batch.seq_ids,
                                            inputs_embeds=embeds, cu_seqlens=batch.cu_seqlens,
@@ -228,6 +236,8 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                         # divide by the targets of the whole accumulated batch: accumulation equals one large batch
                         (batch_loss / num_targets).backward()
                     loss_total += batch_loss.detach()  # on the device: no wait for the GPU per micro-batch
+                if step + 1 < total_steps:  # while the GPU finishes this step (train/staging.py)
+                    lookahead.prepare(step + 1, micro_batch_size)
                 loss_sum = float(loss_total)
             except torch.OutOfMemoryError:
                 hidden = batch_loss = loss_total = None  # they hold the failed step's activations
@@ -241,7 +251,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                                        "(see `lorafit plan --gpus N --strategy fsdp`)") from None
                 out_of_memory = True
             loss_sum, tokens, oom_ranks, stop_ranks = d.sum([0.0 if out_of_memory else loss_sum,
-                                                             sum(b.num_tokens for b, _ in micro),
+                                                             sum(m.batch.num_tokens for m in micro),
                                                              out_of_memory, stop.requested])
             if oom_ranks:  # every rank retries the step together
                 optimizer.zero_grad(set_to_none=graphed is None)
@@ -255,7 +265,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                                        "gradient_checkpointing, or use method qlora (see `lorafit plan`)") from None
                 micro_batch_size //= 2
                 progress.say(f"out of GPU memory at step {step + 1}: micro-batch now {micro_batch_size}, accumulation "
-                             f"{len(rows) // micro_batch_size} (effective batch unchanged); retrying the step")
+                             f"{len(micro) * 2} (effective batch unchanged); retrying the step")
                 continue
             distributed.sync_grads(trainable, d)  # data parallel: sum the LoRA gradients over ranks
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable,
@@ -277,8 +287,8 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=graphed is None)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            # no wait for the optimizer here: the next step's copies and forward queue behind it. A step's time is
+            # then launch to launch, which over steps is the same as start to finish.
             seconds = time.perf_counter() - t0
             record = {"step": step + 1, "loss": loss_sum / num_targets, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / seconds,
