@@ -54,13 +54,7 @@ def cast_cached(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key = (_optimizer_steps[0], weight._version, dtype)
     cached = getattr(weight, "_lorafit_cast", None)
     if cached is None or cached[0] != key:
-        flat = getattr(weight, "_lorafit_flat", None)  # a view of the trainable buffer (train/flat.py)
-        if flat is not None:
-            whole, offset = flat
-            cast = cast_cached(whole, dtype)[offset:offset + weight.numel()].view_as(weight)
-        else:
-            cast = weight.detach().to(dtype)
-        cached = (key, cast)
+        cached = (key, weight.detach().to(dtype))
         weight._lorafit_cast = cached
     return cached[1]
 

@@ -86,8 +86,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter weights under PEFT's saved names (adapter name dropped, `base_model.model.` prefix added)."""
-    # clone: the adapters may be views of one buffer (train/flat.py), which safetensors refuses to save
-    return {PEFT_PREFIX + name: p.detach().clone() for name, p in model.named_parameters() if ".lora_" in name}
+    return {PEFT_PREFIX + name: p.detach().contiguous() for name, p in model.named_parameters() if ".lora_" in name}
 
 
 def save_adapter(model: nn.Module, folder: str | Path, cfg: LoraConfig, base_model: str, dtype=torch.float32):

@@ -38,8 +38,7 @@ def _fsync_dir(path: Path):
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # clone: the trainable tensors may be views of one buffer (train/flat.py), which safetensors refuses to save
-    return {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -133,11 +132,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             params[name].copy_(distributed.shard_like(tensor, params[name]))  # FSDP: this rank's piece
     # weights_only: the state file holds tensors and plain containers only, so nothing in it can run code
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    try:
-        optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, state["optimizer"]))
-    except ValueError as e:  # e.g. per-tensor states from before the trainable tensors shared one buffer
-        raise LorafitError(f"{path}: the optimizer state does not fit this run's optimizer ({e}); resume from the "
-                           "adapter instead, or start the run again") from None
+    optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return json.loads((path / "meta.json").read_text())

@@ -31,7 +31,6 @@ from lorafit.train.checkpoint import (
     save_checkpoint,
 )
 from lorafit.train.faults import Interrupted, StopRequest
-from lorafit.train.flat import flatten_trainable
 from lorafit.train.graphs import GraphedMicroStep, graphs_unavailable
 from lorafit.train.loss import target_loss_sum
 from lorafit.train.optim import build_optimizer, build_scheduler
@@ -149,9 +148,6 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     progress.say(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
                  f"of {sum(p.numel() for p in model.parameters()):,}")
-    # adapters: one buffer for the optimizer, clipping and casts (train/flat.py); their gradients are zeroed in place
-    flat = flatten_trainable(trainable) if cfg.method != "full" else None
-    stepped = [flat] if flat is not None else trainable
 
     # 3. schedule, optimizer, resume. A step is one global batch (micro-batch x accumulation x processes); the
     # data position is the global row reached, so a resume on another number of processes continues from there.
@@ -181,7 +177,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                 for j in range(0, len(rows), micro_batch_size)]
 
     lookahead = Lookahead(step_inputs)
-    optimizer = build_optimizer(stepped, distributed.optimizer_name(cfg.optimizer, d.strategy), cfg.learning_rate,
+    optimizer = build_optimizer(trainable, distributed.optimizer_name(cfg.optimizer, d.strategy), cfg.learning_rate,
                                 cfg.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     before, best, evals_since_best, stopped_early = {}, {}, 0, False
@@ -258,7 +254,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                                                              sum(m.batch.num_tokens for m in micro),
                                                              out_of_memory, stop.requested])
             if oom_ranks:  # every rank retries the step together
-                optimizer.zero_grad(set_to_none=graphed is None and flat is None)
+                optimizer.zero_grad(set_to_none=graphed is None)
                 if model.kept_layers and model.gradient_checkpointing:  # first give back the memory they keep
                     progress.say(f"out of GPU memory at step {step + 1}: every layer recomputed now (kept_layers "
                                  f"{model.kept_layers} -> 0); retrying the step")
@@ -271,13 +267,13 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                 progress.say(f"out of GPU memory at step {step + 1}: micro-batch now {micro_batch_size}, accumulation "
                              f"{len(micro) * 2} (effective batch unchanged); retrying the step")
                 continue
-            distributed.sync_grads(stepped, d)  # data parallel: sum the LoRA gradients over ranks
-            grad_norm = torch.nn.utils.clip_grad_norm_(stepped,
+            distributed.sync_grads(trainable, d)  # data parallel: sum the LoRA gradients over ranks
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable,
                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             grad_norm = distributed.to_float(grad_norm)
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 # a NaN/Inf step must not reach the weights; skip it, and stop if it keeps happening
-                optimizer.zero_grad(set_to_none=graphed is None and flat is None)
+                optimizer.zero_grad(set_to_none=graphed is None)
                 bad_steps_in_a_row, skipped_steps = bad_steps_in_a_row + 1, skipped_steps + 1
                 progress.say(f"step {step + 1}: loss or gradient is NaN/Inf, step skipped ({skipped_steps} so far)")
                 if bad_steps_in_a_row >= cfg.max_bad_steps:
@@ -290,7 +286,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             bad_steps_in_a_row = 0
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=graphed is None and flat is None)
+            optimizer.zero_grad(set_to_none=graphed is None)
             # no wait for the optimizer here: the next step's copies and forward queue behind it. A step's time is
             # then launch to launch, which over steps is the same as start to finish.
             seconds = time.perf_counter() - t0
