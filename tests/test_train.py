@@ -148,3 +148,17 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     a = load_file(str(full.artifact_dir / "adapter_model.safetensors"))
     b = load_file(str(resumed.artifact_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_an_optimizer_state_that_does_not_fit_says_so(tmp_path):
+    folder, _ = make_tiny_checkpoint(tmp_path, "llama")
+    data = write_chat_data(tmp_path / "train.jsonl", 20)
+    train(tiny_config(tmp_path, folder, data, max_steps=3, save_every=2), Progress(quiet=True))
+    (state_file,) = (tmp_path / "run" / "checkpoints").glob("*/state.pt")
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"]["param_groups"][0]["params"].pop()  # as if saved for other parameters
+    torch.save(state, state_file)
+    from lorafit.errors import LorafitError
+
+    with pytest.raises(LorafitError, match="optimizer state does not fit"):
+        train(tiny_config(tmp_path, folder, data, max_steps=4, resume="auto"), Progress(quiet=True))

@@ -132,7 +132,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             params[name].copy_(distributed.shard_like(tensor, params[name]))  # FSDP: this rank's piece
     # weights_only: the state file holds tensors and plain containers only, so nothing in it can run code
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, state["optimizer"]))
+    try:
+        optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, state["optimizer"]))
+    except ValueError as e:  # another optimizer, or parameters laid out otherwise than when it was saved
+        raise LorafitError(f"{path}: the optimizer state does not fit this run's optimizer ({e}); resume from the "
+                           "adapter instead, or start the run again") from None
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return json.loads((path / "meta.json").read_text())
