@@ -5,7 +5,11 @@ activations instead (config kept_layers) costs GPU memory: 111 KB per token per 
 a layer runs as usual, but each tensor it saves for backward goes to pinned host memory, copied on a side stream
 while the following layers compute, and comes back on that stream one layer ahead of the backward that needs it.
 The copies run on the GPU's copy engines, so a layer costs no time as long as its copies take no longer than the
-compute they overlap (PCIe: 25-55 GB/s each way); GPU memory holds only the copies in flight.
+compute they overlap (PCIe: 25-55 GB/s each way); GPU memory holds only the copies in flight. That bounds what it
+can win: a layer's saved bytes take ~4x longer to cross PCIe each way than its forward takes to recompute (7B: 111
+KB/token at ~40 GB/s vs ~0.7 us/token of matmuls), so only the few layers whose copies fit in the compute around
+them pay. Measured on the H100 at Qwen2.5-7B 4 x 2048 with 12 layers offloaded: 7.5% slower than recomputing them
+(BENCHMARKS.md, session 5). Experimental; the planner does not choose it.
 
 Config `offload_activations: N` (with gradient checkpointing): the first N layers. Their backward comes last, which
 leaves their copies to the host the whole rest of the forward, and the copies back the backward of every later layer.
