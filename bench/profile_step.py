@@ -1,6 +1,6 @@
 """Where a QLoRA training step's GPU time goes, next to the matmul floor it could reach.
 
-    python bench/profile_step.py qwen2.5-1.5b 1024 16 [--no-checkpointing] [--steps 3]
+    python bench/profile_step.py qwen2.5-1.5b 1024 16 [--no-checkpointing] [--kept-layers N] [--steps 3]
 
 Builds the random checkpoint of bench/bench_train.py, runs lorafit's model, LoRA and loss code for a few warm-up
 steps, profiles the next ones, and prints: the step time; the CUDA time by kernel family (GEMM, NF4 dequantize,
@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("seq", type=int)
     parser.add_argument("batch", type=int)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--kept-layers", type=int, default=0, help="with checkpointing: the last N layers keep "
+                        "their activations (config kept_layers)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
@@ -93,6 +95,7 @@ def main() -> None:
     model = load_model(str(make_checkpoint(args.model)), torch.device("cuda"), torch.bfloat16, quantize=True).model
     apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0))
     model.gradient_checkpointing = not args.no_checkpointing
+    model.kept_layers = args.kept_layers
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, "paged_adamw_8bit", 2e-4, 0.0, torch.device("cuda"))
@@ -131,7 +134,8 @@ def main() -> None:
     rate = matmul_rate()
     floor = matmul_floor(model, args.batch * args.seq, not args.no_checkpointing)
     tokens = args.batch * args.seq
-    print(f"step {step_s * 1e3:.0f} ms ({tokens / step_s:,.0f} tok/s); GPU kernel time {gpu_s * 1e3:.0f} ms; "
+    print(f"step {step_s * 1e3:.0f} ms ({tokens / step_s:,.0f} tok/s); GPU kernel time {gpu_s * 1e3:.0f} ms "
+          f"(the GPU idles {max(0.0, 1 - gpu_s / step_s):.0%} of the step); "
           f"bf16 matmul rate {rate / 1e12:.0f} TFLOP/s; dense matmul floor {floor * 1e3:.0f} ms; "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GB")
     for family, us in sorted(families.items(), key=lambda x: -x[1]):
