@@ -101,6 +101,16 @@ def test_plan_command_prints_breakdown_and_verdict():
     assert unknown.returncode == 2 and "voodoo5" in unknown.stderr
 
 
+def test_plan_for_a_row_too_long_names_the_long_context_settings():
+    result = run_cli("plan", "--model", "qwen2.5-7b", "--seq", "65536", "--gpu", "16GB")
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    assert "--data.max-length 21760" in out  # the row shortened to what fits without them
+    assert "--offload-checkpoints true --mlp-chunk-tokens 8192" in out
+    fits = run_cli("plan", "--model", "qwen2.5-7b", "--seq", "2048", "--gpu", "16GB")
+    assert "--offload-checkpoints" not in " ".join(fits.stdout.split())
+
+
 def test_gpu_memory_budget_picks_the_settings(tiny_run):
     tmp_path, config = tiny_run
     result = run_cli("train", str(config), "--gpu-memory", "12GB", "--max-steps", "1", "--eval.metrics", "[]")

@@ -131,6 +131,12 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
     out["fastest"] = {"micro_batch_size": c.batch, "grad_accum": choice.grad_accum,
                       "gradient_checkpointing": c.checkpointing, "kept_layers": c.kept_layers,
                       "max_length": max_length}
+    if max_length < seq and method != "full":
+        console.print(f"for {seq:,} tokens per row: --offload-checkpoints true --mlp-chunk-tokens 8192 keep each "
+                      "checkpointed layer's input in CPU memory and tile the MLP. This table does not model them "
+                      f"yet; `python bench/trace_peak.py <model> {seq} --offload --mlp-chunk 8192` runs lorafit's "
+                      "code on the meta device and does (on an H100 they train Qwen2.5-7B at 98,304 tokens, batch "
+                      "1, inside 16 GB)")
     return out
 
 
