@@ -1,7 +1,8 @@
 """What is alive at a training step's memory peak, on the meta device (no GPU, no memory): lorafit's real model,
 LoRA and loss code on a random-free model of a real shape, with the CUDA kernels' stand-ins of the planner's trace.
-Unlike `lorafit plan` it runs the long-context settings the planner does not model: offloaded checkpoints (their
-host copies are not counted; each load allocates the layer input again, as the GPU copy does) and the tiled MLP.
+It runs the long-context settings the planner's arithmetic does not model: offloaded checkpoints (their host
+copies are not counted; each load allocates the layer input again, as the GPU copy does) and the tiled MLP;
+`lorafit plan` and `--gpu-memory` trace them the same way (plan/fit.long_rows) when a row fits no other way.
 
     python bench/trace_peak.py qwen2.5-7b 65536 [--batch 1] [--offload] [--mlp-chunk 8192] [--top 15]
 
@@ -20,24 +21,6 @@ import torch
 GIB = 2**30
 
 
-class HostCopies:
-    """OffloadState on meta: the saved layer inputs live in host memory; a load allocates the input again."""
-
-    def __init__(self, device):
-        self.saved = {}
-
-    def save(self, i, x):
-        self.saved[i] = (x.shape, x.dtype)
-
-    def load(self, i):
-        shape, dtype = self.saved.pop(i)
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def remember_without_device_state(ctx, x):
-    ctx.cpu_rng, ctx.cuda_rng, ctx.autocast = torch.get_rng_state(), None, ("cpu", torch.bfloat16, False)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -47,13 +30,10 @@ def main() -> None:
     parser.add_argument("--mlp-chunk", type=int, default=0)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    from lorafit.model import llama, offload
     from lorafit.plan.memory import Run, blk
     from lorafit.plan.presets import shape_from_preset
-    from lorafit.plan.trace import LiveBytes, _loss_sum, cuda_kernels, meta_model
+    from lorafit.plan.trace import LiveBytes, _loss_sum, cuda_kernels, host_offload, meta_model
 
-    offload.OffloadState = llama.OffloadState = HostCopies
-    offload._remember_forward_state = remember_without_device_state
     shape = shape_from_preset(args.model)
     cpu_table = not shape.tied  # model.embeddings_on_cpu (auto) on one GPU
     model = meta_model(shape, Run("qlora", args.seq, args.batch, True, embeddings_on_cpu=cpu_table))
@@ -67,7 +47,7 @@ def main() -> None:
     weights = sum(blk(t.numel() * t.element_size()) for name, t in model.named_parameters()
                   if not (cpu_table and "embed_tokens" in name))
     B, T = args.batch, args.seq
-    with cuda_kernels(), tracker:
+    with cuda_kernels(), host_offload(), tracker:
         ids = torch.zeros(B, T, dtype=torch.long, device="meta")
         positions = torch.arange(T, device="meta").expand(B, T).contiguous()
         embeds = torch.empty(B, T, shape.hidden, dtype=torch.bfloat16, device="meta")

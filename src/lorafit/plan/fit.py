@@ -126,6 +126,27 @@ def longest_seq(shape: Shape, run: Run, card: Card, limit: int = 131_072, step: 
     return lo * step
 
 
+LONG_ROW_CHUNK = 8192  # mlp_chunk_tokens of the long-row settings (Qwen2.5-7B trains 98,304 tokens in 16 GB with it)
+
+
+def long_rows(shape: Shape, run: Run, card: Card, effective: int) -> tuple[Run, int] | None:
+    """Rows too long for any setting the arithmetic models: micro-batch 1 (the effective batch accumulated) with
+    offloaded checkpoints and the MLP tiled by LONG_ROW_CHUNK tokens, and the bytes it needs, if that fits. The
+    arithmetic does not model these two; the trace of lorafit's real code on the meta device, replayed through the
+    allocator model, does (seconds at 65,536 tokens, so only for rows longer than a chunk)."""
+    if run.method == "full" or run.seq <= LONG_ROW_CHUNK:
+        return None
+    from lorafit.plan.allocator import replay
+    from lorafit.plan.trace import trace_step
+
+    candidate = replace(run, batch=1, grad_accum=effective, checkpointing=True, kept_layers=0, offloaded_layers=0,
+                        offload_checkpoints=True, mlp_chunk=LONG_ROW_CHUNK)
+    alloc = replay(trace_step(shape, candidate), workspace=2 * card.cublas_workspace)
+    needed = int(max(alloc.peak_reserved, alloc.peak_allocated) * NEED_MARGIN[0] + NEED_MARGIN[1])
+    paged = sum(x.bytes for x in estimate(shape, candidate, card).outside)  # paged optimizer states, off the allocator
+    return (candidate, needed) if needed + paged <= card.budget else None
+
+
 def run_from_config(cfg) -> tuple[Shape, Run, int]:
     """(shape, run, effective batch) of a lorafit Config."""
     shape = resolve_model(cfg.model.path)
@@ -142,6 +163,7 @@ def fit_to_budget(cfg, budget_bytes: int) -> dict:
     """Overrides (load_config's nested-dict form) that make `cfg` fit an allocator budget and train fastest.
 
     Keeps the effective batch (micro_batch_size x grad_accum) and the sequence length when anything fits at it;
+    rows longer than LONG_ROW_CHUNK that fit no other way take offloaded checkpoints and the tiled MLP (`long_rows`);
     a QLoRA model that does not fit resident streams its decoder layers from CPU memory instead (model.stream_layers
     auto; `on` always streams), with as many layers resident as fit (plan/stream.py); otherwise shortens
     data.max_length to the longest that fits at micro-batch 1. Raises PlanError if even 256 tokens do not fit.
@@ -149,6 +171,10 @@ def fit_to_budget(cfg, budget_bytes: int) -> dict:
     shape, run, effective = run_from_config(cfg)
     card = Card("budget", f"{budget_bytes / 2**30:.2f} GiB budget", int(budget_bytes), "sm90", context_bytes=0)
     choice = fastest(shape, run, card, effective)
+    long = long_rows(shape, run, card, effective) if choice is None and cfg.model.stream_layers != "on" else None
+    if long is not None:
+        return {"micro_batch_size": 1, "grad_accum": effective, "gradient_checkpointing": True, "kept_layers": 0,
+                "offload_checkpoints": True, "mlp_chunk_tokens": LONG_ROW_CHUNK}
     stream = cfg.model.stream_layers if run.method == "qlora" else "off"
     if stream == "on" or (stream == "auto" and choice is None):
         from lorafit.plan.stream import fastest_streaming

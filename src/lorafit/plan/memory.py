@@ -67,6 +67,9 @@ class Run:
     embeddings_on_cpu: bool = False  # the untied input embedding table stays in CPU memory (model.embeddings_on_cpu)
     kept_layers: int = 0  # with checkpointing, the last N layers keep their activations (config kept_layers)
     offloaded_layers: int = 0  # with checkpointing, the first N layers' activations wait in CPU memory
+    # long rows (config offload_checkpoints, mlp_chunk_tokens): modelled by the trace only (plan/fit.long_rows)
+    offload_checkpoints: bool = False
+    mlp_chunk: int = 0
 
     @property
     def tokens(self) -> int:

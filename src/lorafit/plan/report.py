@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lorafit.model.llama import wants_cpu_embeddings
-from lorafit.plan.fit import Plan, fastest, fits_table, longest_seq, make_plan
+from lorafit.plan.fit import Plan, fastest, fits_table, long_rows, longest_seq, make_plan
 from lorafit.plan.memory import Run
 from lorafit.plan.presets import ALL_LINEAR, resolve_card, resolve_model
 
@@ -106,6 +106,18 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
         out["recipe"] = {"allocated": r.allocated, "reserved": r.reserved}
     choice = fastest(shape, run, card, batch * grad_accum)
     out["stream"] = None
+    long = long_rows(shape, run, card, batch * grad_accum) if choice is None and stream != "on" else None
+    if long is not None:
+        c, needed = long
+        console.print(f"fits with the long-row settings: --micro-batch-size 1 --grad-accum {c.grad_accum} "
+                      f"--gradient-checkpointing true --offload-checkpoints true --mlp-chunk-tokens {c.mlp_chunk} "
+                      f"(each checkpointed layer's input in CPU memory, the MLP in tiles; the table above does not "
+                      f"model them, lorafit's code traced on the meta device needs {gib(needed)} of "
+                      f"{gib(card.budget)} GiB)")
+        out["fastest"] = {"micro_batch_size": 1, "grad_accum": c.grad_accum, "gradient_checkpointing": True,
+                          "kept_layers": 0, "max_length": seq, "offload_checkpoints": True,
+                          "mlp_chunk_tokens": c.mlp_chunk}
+        return out
     if method == "qlora" and (stream == "on" or (stream == "auto" and choice is None)):
         from lorafit.plan.stream import fastest_streaming
 
@@ -131,12 +143,6 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
     out["fastest"] = {"micro_batch_size": c.batch, "grad_accum": choice.grad_accum,
                       "gradient_checkpointing": c.checkpointing, "kept_layers": c.kept_layers,
                       "max_length": max_length}
-    if max_length < seq and method != "full":
-        console.print(f"for {seq:,} tokens per row: --offload-checkpoints true --mlp-chunk-tokens 8192 keep each "
-                      "checkpointed layer's input in CPU memory and tile the MLP. This table does not model them "
-                      f"yet; `python bench/trace_peak.py <model> {seq} --offload --mlp-chunk 8192` runs lorafit's "
-                      "code on the meta device and does (on an H100 they train Qwen2.5-7B at 98,304 tokens, batch "
-                      "1, inside 16 GB)")
     return out
 
 

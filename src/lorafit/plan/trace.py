@@ -298,11 +298,48 @@ def load_events(model, off_gpu: tuple[torch.Tensor, ...] = ()) -> list[tuple[str
     return events
 
 
+class HostCopies:
+    """model.offload.OffloadState on meta: a saved layer input lives in host memory (not counted); loading it
+    allocates the input again, as the copy back to the GPU does."""
+
+    def __init__(self, device):
+        self.saved = {}
+
+    def save(self, i, x):
+        self.saved[i] = (x.shape, x.dtype)
+
+    def load(self, i):
+        shape, dtype = self.saved.pop(i)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _remember_without_device_state(ctx, x):
+    ctx.cpu_rng, ctx.cuda_rng, ctx.autocast = torch.get_rng_state(), None, ("cpu", torch.bfloat16, False)
+
+
+@contextlib.contextmanager
+def host_offload():
+    """Offloaded checkpoints as the meta device can run them: host copies that cost no device memory, and no CUDA
+    random state to remember."""
+    from lorafit.model import llama, offload
+
+    saved = offload.OffloadState, llama.OffloadState, offload._remember_forward_state
+    offload.OffloadState = llama.OffloadState = HostCopies
+    offload._remember_forward_state = _remember_without_device_state
+    try:
+        yield
+    finally:
+        offload.OffloadState, llama.OffloadState, offload._remember_forward_state = saved
+
+
 def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
     """Allocation events of loading plus `steps` training steps of lorafit's real code, on the meta device."""
     model = meta_model(shape, run)
     model.gradient_checkpointing = run.checkpointing
     model.kept_layers = run.kept_layers
+    model.offload_checkpoints = run.offload_checkpoints
+    for layer in model.model.layers:
+        layer.mlp.chunk_tokens = run.mlp_chunk
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     cpu_table = run.embeddings_on_cpu and not shape.tied  # its looked-up rows still land on the GPU, as here
@@ -320,7 +357,7 @@ def trace_step(shape: Shape, run: Run, steps: int = 2) -> Trace:
 
     states: list[torch.Tensor] = []
     B, T = run.batch, run.seq
-    with cuda_kernels(), tracker:
+    with cuda_kernels(), host_offload(), tracker:
         for step in range(steps):
             ids = torch.zeros(B, T, dtype=torch.long, device="meta")
             labels = torch.zeros(B, T, dtype=torch.long, device="meta")
