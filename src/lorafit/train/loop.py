@@ -76,7 +76,9 @@ def fit_to_gpu_budget(cfg: Config, device: torch.device, progress: Progress) -> 
     progress.say(f"gpu memory {cfg.gpu_memory} ({budget / 2**30:.1f} GiB): micro_batch_size {cfg.micro_batch_size}, "
                  f"grad_accum {cfg.grad_accum}, gradient_checkpointing {cfg.gradient_checkpointing}, "
                  f"kept_layers {cfg.kept_layers}, max_length {cfg.data.max_length}"
-                 + (streaming if cfg.model.stream_layers == "on" else ""))
+                 + (streaming if cfg.model.stream_layers == "on" else "")
+                 + (f", offload_checkpoints on, mlp_chunk_tokens {cfg.mlp_chunk_tokens} (long rows)"
+                    if overrides.get("offload_checkpoints") else ""))
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has no index
         total = torch.cuda.get_device_properties(index).total_memory
