@@ -1,5 +1,6 @@
 """train/staging.py: a step's inputs prepared on the host ahead of time are the inputs the step would build itself."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -38,3 +39,17 @@ def test_lookahead_hands_out_what_it_prepared_and_rebuilds_for_another_key():
     ahead.prepare(2, 4)
     assert ahead.take(2, 2) == ["2/2"]  # an out-of-memory retry halved the micro-batch: other inputs
     assert ahead.take(2, 2) == ["2/2"] and built[-2:] == [(2, 2), (2, 2)]  # taken inputs are not handed out again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_inputs_arrive_on_the_gpu_unchanged():
+    """On CUDA runs the host inputs are pinned (so their copies are asynchronous) and reach the GPU as they were."""
+    batch = _batch()
+    table = torch.randn(16, 8, dtype=torch.bfloat16)
+    inputs = host_inputs(batch, table, pin=True)
+    assert inputs.embeds.is_pinned() and inputs.batch.input_ids.is_pinned() and inputs.batch.cu_seqlens.is_pinned()
+    device_batch, embeds = inputs.to(torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(embeds.cpu(), F.embedding(batch.input_ids, table))
+    assert torch.equal(device_batch.labels.cpu(), batch.labels) and device_batch.seq_ids.is_cuda
