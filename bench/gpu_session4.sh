@@ -25,7 +25,7 @@ for section in "$@"; do
   case $section in
     tests)
       timeout 240 python -m pytest -q -m gpu tests/test_varlen_attention.py tests/test_kernels.py \
-        tests/test_offload.py tests/test_graphs.py ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider -p no:logging \
+        tests/test_offload.py tests/test_graphs.py tests/test_staging.py ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider -p no:logging \
         --tb=short > "$OUT/tests.txt" 2>&1
       grep -E "^(FAILED|ERROR|E )|passed|failed" "$OUT/tests.txt" | head -40 | tee -a "$OUT/session4.txt" ;;
     packed)
