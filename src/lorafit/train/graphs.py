@@ -71,7 +71,6 @@ class GraphedMicroStep:
         self.recording: _Recording | None = None
         self.key = None  # (shape, packed) of the recording; None until the first micro-batch
         self.failed = False
-        self.embeds: torch.Tensor | None = None  # the current micro-batch's rows of a CPU-kept table, if given
         self.stream = torch.cuda.Stream()
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor], inv_targets: torch.Tensor) -> torch.Tensor:
@@ -85,38 +84,38 @@ class GraphedMicroStep:
     def run(self, batch, inv_targets: float, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The micro-batch's summed loss (a GPU scalar, valid until the next call). `embeds`: its rows of a
         CPU-kept embedding table when already gathered on the host (train/staging.py)."""
-        self.embeds = embeds
         key = (tuple(batch.input_ids.shape), batch.seq_ids is not None)
         if self.key is None and not self.failed:
             self.key = key
-            return self._run_then_record(batch, inv_targets)
+            return self._run_then_record(batch, inv_targets, embeds)
         rec = self.recording
         if rec is None or key != self.key:
-            return self._forward_backward(self._inputs(batch), self._scalar(inv_targets))
-        host = self._host_inputs(batch)
+            return self._forward_backward(self._inputs(batch, embeds), self._scalar(inv_targets))
+        host = self._host_inputs(batch, embeds)
         for name, tensor in rec.inputs.items():  # blocking: the inputs are small, and nothing may race the replay
             tensor.copy_(host[name])
         rec.inv_targets.fill_(inv_targets)
         rec.graph.replay()
         return rec.loss
 
-    def _host_inputs(self, batch) -> dict[str, torch.Tensor]:
+    def _host_inputs(self, batch, embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
         names = ("input_ids", "labels", "position_ids") + (("seq_ids",) if batch.seq_ids is not None else ())
         host = {name: getattr(batch, name) for name in names}
         table = self.model.model.embed_tokens.weight
         if table.device.type == "cpu":  # model.embeddings_on_cpu: the rows are looked up here, outside the graph
-            host["inputs_embeds"] = (self.embeds if self.embeds is not None
-                                     else torch.nn.functional.embedding(batch.input_ids, table))
+            if embeds is None:
+                embeds = torch.nn.functional.embedding(batch.input_ids, table)
+            host["inputs_embeds"] = embeds
         return host
 
-    def _inputs(self, batch) -> dict[str, torch.Tensor]:
-        return {name: t.to("cuda", non_blocking=True) for name, t in self._host_inputs(batch).items()}
+    def _inputs(self, batch, embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {name: t.to("cuda", non_blocking=True) for name, t in self._host_inputs(batch, embeds).items()}
 
     def _scalar(self, value: float) -> torch.Tensor:
         return torch.full((), value, dtype=torch.float32, device="cuda")
 
-    def _run_then_record(self, batch, inv_targets: float) -> torch.Tensor:
-        inputs, inv = self._inputs(batch), self._scalar(inv_targets)
+    def _run_then_record(self, batch, inv_targets: float, embeds: torch.Tensor | None) -> torch.Tensor:
+        inputs, inv = self._inputs(batch, embeds), self._scalar(inv_targets)
         # blocks cached for the current stream cannot serve the capture stream: hand them back first, or this
         # micro-step's memory is reserved twice (7B at 2 x 2048: 9.0 GB reserved instead of 7.6)
         torch.cuda.synchronize()
