@@ -30,10 +30,18 @@ class Batch:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
 
+    def _map(self, fn) -> Batch:
+        """The same batch with `fn` applied to each of its tensors."""
+        each = lambda t: fn(t) if t is not None else None  # noqa: E731
+        return Batch(each(self.input_ids), each(self.labels), each(self.position_ids), each(self.seq_ids),
+                     self.num_targets, self.num_tokens, each(self.cu_seqlens), self.max_seqlen)
+
     def to(self, device) -> Batch:
-        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.seq_ids),
-                     self.num_targets, self.num_tokens, move(self.cu_seqlens), self.max_seqlen)
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """In pinned host memory, so that `to` a GPU copies asynchronously."""
+        return self._map(torch.Tensor.pin_memory)
 
 
 def pack_rows(lengths: list[int], order: list[int], max_length: int) -> list[list[int]]:

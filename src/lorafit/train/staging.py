@@ -30,10 +30,6 @@ class MicroInputs:
         return self.batch.to(device), embeds
 
 
-def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.pin_memory() if t is not None else None
-
-
 def host_inputs(batch: Batch, table: torch.Tensor | None, pin: bool) -> MicroInputs:
     """`batch` ready to travel: pinned (on CUDA runs, so the copies are asynchronous), with its embedding rows
     gathered from `table` when the table is in CPU memory (None: it is on the GPU, the model looks up there)."""
@@ -43,11 +39,7 @@ def host_inputs(batch: Batch, table: torch.Tensor | None, pin: bool) -> MicroInp
         embeds = torch.empty((ids.numel(), table.shape[1]), dtype=table.dtype, pin_memory=pin)
         torch.index_select(table, 0, ids, out=embeds)
         embeds = embeds.view(*batch.input_ids.shape, table.shape[1])
-    if pin:
-        batch = Batch(_pinned(batch.input_ids), _pinned(batch.labels), _pinned(batch.position_ids),
-                      _pinned(batch.seq_ids), batch.num_targets, batch.num_tokens, _pinned(batch.cu_seqlens),
-                      batch.max_seqlen)
-    return MicroInputs(batch, embeds)
+    return MicroInputs(batch.pin_memory() if pin else batch, embeds)
 
 
 class Lookahead:
