@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--kept-layers", type=int, default=0, help="the last N layers are not checkpointed")
     parser.add_argument("--cuda-graphs", default="off", choices=["on", "off"],
                         help="record the micro-step as a CUDA graph (config cuda_graphs)")
+    parser.add_argument("--fp8", action="store_true", help="the frozen base's matmuls in FP8 (model.fp8_base)")
     parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
     parser.add_argument("--gpu-memory", default=None, help="fit the run to this budget as `lorafit train` does")
     parser.add_argument("--segments", default=None, help="write the allocator's segments (JSON) to this file")
@@ -134,7 +135,7 @@ def main() -> None:
     data = write_documents(work / f"docs_{args.seq}_{args.docs_per_row}.jsonl",
                            (args.batch * args.steps + 4) * args.docs_per_row, args.seq, args.docs_per_row)
     cfg = load_config(overrides={
-        "model": {"path": str(ckpt)}, "method": args.method,
+        "model": {"path": str(ckpt), "fp8_base": args.fp8}, "method": args.method,
         "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": True},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "eval": {"before_training": False},
         "output_dir": str(work / "run"), "max_steps": args.steps, "micro_batch_size": args.batch,
@@ -169,7 +170,7 @@ def main() -> None:
         write_segments(Path(args.segments))
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
-        cuda_graphs=args.cuda_graphs, kept_layers=args.kept_layers, docs_per_row=args.docs_per_row,
+        cuda_graphs=args.cuda_graphs, fp8=args.fp8, kept_layers=args.kept_layers, docs_per_row=args.docs_per_row,
         masked_packing=args.masked_packing, offload_activations=args.offload_activations,
         real_tok_s=round(real_tok_s) if real_tok_s else None, model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),

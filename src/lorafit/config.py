@@ -45,6 +45,10 @@ class ModelConfig:
         "keep the frozen input embedding table in CPU memory and copy only the looked-up rows to the GPU (saves "
         "vocab x hidden x 2 bytes: 1.1 GB for Qwen2.5-7B); auto: on one GPU when the table is not tied to the LM "
         "head and the method is lora or qlora", default="auto")
+    fp8_base: bool = _help(
+        "qlora: run the frozen base's matmuls in FP8 (e4m3, per-token and per-channel scales) on GPUs that have FP8 "
+        "tensor cores (H100, L4, RTX 40xx): faster, with a slightly noisier base (see BENCHMARKS.md); the adapters, "
+        "their gradients and the optimizer are unchanged", default=False)
 
     def __post_init__(self):
         if self.resident_layers is not None and self.resident_layers < 0:
@@ -186,6 +190,8 @@ class Config:
             if any(conflicts.values()):
                 raise ConfigError("cuda_graphs on cannot record a micro-step with "
                                   + ", ".join(k for k, v in conflicts.items() if v) + "; set cuda_graphs off")
+        if self.model.fp8_base and self.method != "qlora":
+            raise ConfigError(f"model.fp8_base runs the NF4 base in FP8: it needs method qlora, not {self.method}")
         if self.model.stream_layers == "on" and self.method != "qlora":
             raise ConfigError(f"model.stream_layers on streams the NF4 base: it needs method qlora, not {self.method}")
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from lorafit.kernels import fp8
+
 _optimizer_steps = [0]
 
 
@@ -65,6 +67,22 @@ def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.weight.to(dtype)
 
 
+def frozen_matmul(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
+    """x [N, in] @ W^T (+ bias) in x's dtype; in e4m3 when the base is marked `fp8` (kernels/fp8.py)."""
+    if getattr(base, "fp8", False):
+        y = fp8.fp8_linear(x, base)
+        return y.add_(base.bias.to(x.dtype)) if base.bias is not None else y
+    weight = frozen_weight(base, x.dtype)
+    return torch.addmm(base.bias.to(x.dtype), x, weight.t()) if base.bias is not None else x @ weight.t()
+
+
+def frozen_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
+    """grad [N, out] @ W: the frozen matmul's input gradient, in e4m3 when the base is marked `fp8`."""
+    if getattr(base, "fp8", False):
+        return fp8.fp8_linear_input_grad(grad, base)
+    return grad @ frozen_weight(base, grad.dtype)
+
+
 class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, lora_a, lora_b, base, scaling):
@@ -72,9 +90,7 @@ class LoRAFunction(torch.autograd.Function):
         dtype = x.dtype
         x2, xl2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1])
         a, b = cast_cached(lora_a, dtype), cast_cached(lora_b, dtype)
-        weight = frozen_weight(base, dtype)
-        y = torch.addmm(base.bias.to(dtype), x2, weight.t()) if base.bias is not None else x2 @ weight.t()
-        del weight
+        y = frozen_matmul(x2, base)
         xa = xl2 @ a.t()
         y.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(xl2, xa, a, b)
@@ -92,7 +108,7 @@ class LoRAFunction(torch.autograd.Function):
         grad_a = (gb.t() @ xl2).mul_(s).to(ctx.master_dtypes[0])
         grad_x = grad_x_lora = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ frozen_weight(ctx.base, g.dtype)
+            grad_x = frozen_input_grad(g, ctx.base)
             if ctx.same_input:
                 grad_x.addmm_(gb, a, alpha=s)
             else:

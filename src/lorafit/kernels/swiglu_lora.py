@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lorafit.kernels import fused
-from lorafit.kernels.lora import cast_cached, frozen_weight
+from lorafit.kernels.lora import cast_cached, frozen_input_grad, frozen_matmul
 
 
 class SwiGLULoRAFunction(torch.autograd.Function):
@@ -32,9 +32,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         g2, u2 = gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])
         product = fused.swiglu(g2, u2)
         a, b = cast_cached(lora_a, dtype), cast_cached(lora_b, dtype)
-        weight = frozen_weight(base, dtype)
-        y = torch.addmm(base.bias.to(dtype), product, weight.t()) if base.bias is not None else product @ weight.t()
-        del weight
+        y = frozen_matmul(product, base)
         pa = product @ a.t()
         del product
         y.addmm_(pa, b.t(), alpha=scaling)
@@ -55,7 +53,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         del product
         grad_gate = grad_up = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_product = g @ frozen_weight(ctx.base, g.dtype)
+            grad_product = frozen_input_grad(g, ctx.base)
             grad_product.addmm_(gb, a, alpha=s)
             grad_gate, grad_up = fused.swiglu_backward(g2, u2, grad_product)
             del grad_product

@@ -14,6 +14,7 @@ import contextlib
 import torch
 from torch import nn
 
+from lorafit.kernels.fp8 import fp8_linear, fp8_linear_input_grad
 from lorafit.kernels.nf4 import BLOCKSIZE, dequantize_nf4
 
 NF4_BLOCKSIZE = BLOCKSIZE
@@ -35,16 +36,18 @@ def is_quantizable(name: str, module: nn.Module) -> bool:
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """y = x W^T with W dequantized in forward and again in backward: nothing of the weight is kept in between."""
+    """y = x W^T with W dequantized in forward and again in backward: nothing of the weight is kept in between.
+    In e4m3 when the module is marked `fp8` (kernels/fp8.py)."""
 
     @staticmethod
     def forward(ctx, x, module):
         ctx.module = module
-        return x @ module.dequantize().t()
+        return fp8_linear(x, module) if module.fp8 else x @ module.dequantize().t()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ ctx.module.dequantize(), None
+        module = ctx.module
+        return (fp8_linear_input_grad(grad, module) if module.fp8 else grad @ module.dequantize()), None
 
 
 class NF4Linear(nn.Module):
@@ -69,6 +72,7 @@ class NF4Linear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype
         self.out_features, self.in_features = out_features, in_features
+        self.fp8 = False  # run the matmuls in e4m3 (`model.fp8_base`, kernels/fp8.py)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device, compute_dtype: torch.dtype) -> NF4Linear:
@@ -86,6 +90,9 @@ class NF4Linear(nn.Module):
             setattr(module, name, tensor.to(device))
         return module
 
+    def nf4_tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in NF4_TENSORS)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dense = self.__dict__.get("_dense")
         if dense is not None and dense.dtype == (dtype or self.compute_dtype):
@@ -93,8 +100,8 @@ class NF4Linear(nn.Module):
         if self.absmax_q.is_meta and not self.packed.is_meta:  # model/stream.py's mark of a layer not fetched
             raise RuntimeError("NF4 weights of a streamed layer used while they are not on the device: run the "
                                "layer through its module call (the streaming hooks fetch them)")
-        return dequantize_nf4(*(getattr(self, name) for name in NF4_TENSORS),
-                              shape=(self.out_features, self.in_features), dtype=dtype or self.compute_dtype)
+        return dequantize_nf4(*self.nf4_tensors(), shape=(self.out_features, self.in_features),
+                              dtype=dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -119,6 +126,16 @@ def quantize_nf4(model: nn.Module, device: torch.device | str, compute_dtype: to
             if is_quantizable(name, child):
                 setattr(parent, child_name, NF4Linear.from_linear(child, device, compute_dtype))
     return model
+
+
+def use_fp8_base(model: nn.Module) -> int:
+    """Mark every NF4 linear whose sides are multiples of 16 (what FP8 GEMMs take) to compute in e4m3; returns how
+    many were marked."""
+    marked = [m for m in model.modules() if isinstance(m, NF4Linear)
+              and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    for module in marked:
+        module.fp8 = True
+    return len(marked)
 
 
 @contextlib.contextmanager

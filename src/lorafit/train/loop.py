@@ -19,9 +19,11 @@ from lorafit.data.tokenize import ensure_chat_template
 from lorafit.errors import LorafitError
 from lorafit.eval.evaluate import evaluate_run, load_eval_conversations
 from lorafit.export.readme import write_adapter_readme
+from lorafit.kernels.fp8 import fp8_supported
 from lorafit.model.llama import wants_cpu_embeddings
 from lorafit.model.load import load_model, model_identity
 from lorafit.model.lora import apply_lora, save_adapter
+from lorafit.model.quantize import use_fp8_base
 from lorafit.train import distributed
 from lorafit.train.checkpoint import (
     find_resume_checkpoint,
@@ -117,6 +119,12 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                         trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle,
                         stream_resident=stream_resident)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if cfg.model.fp8_base:
+        if not fp8_supported(device):
+            raise LorafitError(f"model.fp8_base: {device} has no FP8 tensor cores (compute capability 8.9 or "
+                               "newer: H100, L4, RTX 40xx); set model.fp8_base false")
+        progress.say(f"frozen base in FP8: {use_fp8_base(model)} NF4 linears compute in e4m3"
+                     + (" (CPU: the plain-PyTorch twin, slow)" if device.type == "cpu" else ""))
     if loaded.streamer is not None:  # model/stream.py
         s = loaded.streamer
         progress.say(f"streaming decoder layers {s.first}-{len(s.layers) - 1} from pinned CPU memory "

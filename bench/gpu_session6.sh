@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Session 6 on the H100 (carry .wheels/core): the FP8 base (model.fp8_base) and the pinned staging of session 5.
+#   tests    GPU tests: FP8 kernels against their twins, staging, and the kernels' twin tests
+#   gemm     bench/fp8_gemm.py: FP8 against bf16 per linear at issue 8's shapes
+#   fp8      issue 8's budget rows with --fp8
+#   budget   the same rows without it (staging measured against session 5's rows)
+#   small    Qwen2.5-7B 2 x 2048, both ways
+# RESULT lines go to $OUT/session6.txt, whole logs to $OUT/session6_log.txt.
+set -u
+export PYTHONPATH=$PWD/src:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python -m pip install -q --no-index --no-deps .wheels/core/*.whl 2>&1 | tail -1
+run() {  # one bench_train.py run: its RESULT line (and any error) to session6.txt, the whole log to session6_log.txt
+  echo "# $*" >> "$OUT/session6_log.txt"
+  timeout "${LIMIT:-150}" python bench/bench_train.py "$@" --log > "$OUT/one.txt" 2>&1
+  grep -E "^RESULT|Error|error" "$OUT/one.txt" | tail -3 | tee -a "$OUT/session6.txt"
+  cat "$OUT/one.txt" >> "$OUT/session6_log.txt"
+}
+for section in "$@"; do
+  echo "## $section" | tee -a "$OUT/session6.txt"
+  case $section in
+    tests)
+      timeout 200 python -m pytest -q -m gpu tests/test_fp8.py tests/test_staging.py tests/test_kernels.py \
+        ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider -p no:logging --tb=short > "$OUT/tests.txt" 2>&1
+      grep -E "^(FAILED|ERROR|E )|passed|failed" "$OUT/tests.txt" | head -40 | tee -a "$OUT/session6.txt" ;;
+    gemm)
+      timeout 120 python bench/fp8_gemm.py 2>&1 | tee -a "$OUT/session6.txt" | tail -12 ;;
+    fp8)
+      run qwen2.5-7b 2048 8 --cap-gb 16 --gpu-memory 16GB --fp8
+      run qwen2.5-1.5b 1024 32 --cap-gb 12 --kept-layers 7 --fp8 ;;
+    budget)
+      run qwen2.5-7b 2048 8 --cap-gb 16 --gpu-memory 16GB
+      run qwen2.5-1.5b 1024 32 --cap-gb 12 --kept-layers 7 ;;
+    small)
+      run qwen2.5-7b 2048 2 --fp8
+      run qwen2.5-7b 2048 2 ;;
+    *) echo "unknown section $section" ;;
+  esac
+done

@@ -1,0 +1,160 @@
+"""FP8 base (kernels/fp8.py): the twins against exact arithmetic on CPU, the fast kernels against the twins on a GPU,
+and a model with `model.fp8_base` against the same model in full precision."""
+
+import pytest
+import torch
+
+from lorafit.config import ConfigError
+from lorafit.kernels import fp8
+from lorafit.kernels.lora import lora_linear
+from lorafit.model.quantize import use_fp8_base
+from lorafit.train.loss import target_loss_sum
+from tests.test_graphs import random_batch, tiny_lora_model
+from tests.test_kernels import nf4_linear
+from tests.test_train import tiny_config, write_chat_data
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                             reason="needs a GPU with FP8 tensor cores")
+E4M3_STEP = 2 ** -3  # relative spacing of e4m3 values: rounding to nearest is off by at most half of it
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_quantized_rows_round_trip_within_half_a_step_and_use_the_whole_range():
+    x = torch.randn(64, 256) * torch.logspace(-3, 3, 64)[:, None]  # rows six orders of magnitude apart
+    q, scale = fp8.quantize_rows_reference(x)
+    assert q.dtype == fp8.E4M3 and scale.shape == (64, 1)
+    assert torch.equal(q.float().abs().amax(-1), torch.full((64,), fp8.E4M3_MAX))  # each row's max maps to 448
+    back = q.float() * scale
+    normal = x.abs() >= scale * 2 ** -6  # e4m3's smallest normal value; below it the spacing is absolute
+    assert ((back - x).abs() <= x.abs() * E4M3_STEP / 2 + 1e-12)[normal].all()
+    assert ((back - x).abs() <= scale * 2 ** -10)[~normal].all()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_nf4_to_fp8_reference_is_the_weight_over_its_channel_scales(transpose):
+    _, module = nf4_linear(48, 320)
+    dense = module.dequantize(torch.float32)
+    rows, cols = fp8.channel_scales(dense)
+    q = fp8.nf4_to_fp8_reference(module.nf4_tensors(), (48, 320), cols if transpose else rows, transpose)
+    assert q.shape == ((320, 48) if transpose else (48, 320))
+    back = q.float().t() * cols[None, :] if transpose else q.float() * rows[:, None]
+    assert relative_error(back, dense) < 0.03 and (back - dense).abs().max() <= dense.abs().max() * E4M3_STEP
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_lora_linear_is_close_to_full_precision_and_trains_the_same_adapter(bias):
+    """The fp8 base changes the frozen product by ~3% (e4m3 rounding of both operands), nothing else: the adapter's
+    gradients differ by as much, and the input gradient too."""
+    torch.manual_seed(0)
+    _, base = nf4_linear(96, 128)
+    if bias:
+        base.bias = torch.nn.Parameter(torch.randn(96), requires_grad=False)
+    a = torch.randn(8, 128, requires_grad=True)
+    b = (torch.randn(96, 8) * 0.1).requires_grad_(True)
+    x = torch.randn(4, 10, 128)
+    results = []
+    for on in (False, True):
+        base.fp8 = on
+        xi = x.clone().requires_grad_(True)
+        y = lora_linear(xi, xi, a, b, base, 2.0)
+        y.pow(2).sum().backward()  # dL/dy depends on y: every gradient sees the base
+        results.append((y.detach(), xi.grad, a.grad.clone(), b.grad.clone()))
+        a.grad = b.grad = None
+    for full, quarter in zip(*results):
+        assert 1e-4 < relative_error(quarter, full) < 0.06  # changed, and by e4m3's rounding only
+
+
+def test_fp8_model_loss_and_adapter_gradients_stay_close(tmp_path):
+    model = tiny_lora_model(tmp_path)
+    batch = random_batch(0)
+    runs = []
+    for mark in (False, True):
+        if mark:
+            assert use_fp8_base(model) == 14  # 2 layers x 7 linears, all sides multiples of 16
+        model.zero_grad()
+        loss = target_loss_sum(model, model(batch.input_ids, batch.position_ids, None), batch.labels)[0]
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n])
+        runs.append((float(loss), grads))
+    (loss_full, grad_full), (loss_fp8, grad_fp8) = runs
+    assert loss_fp8 != loss_full and abs(loss_fp8 - loss_full) < 0.01 * loss_full
+    assert torch.nn.functional.cosine_similarity(grad_fp8, grad_full, dim=0) > 0.99
+
+
+def test_fp8_base_needs_qlora(tmp_path):
+    with pytest.raises(ConfigError, match="fp8_base.*qlora"):
+        tiny_config(tmp_path, tmp_path, tmp_path / "x.jsonl", model={"path": "x", "fp8_base": True})
+
+
+def test_training_with_an_fp8_base_lowers_the_loss(tmp_path):
+    from tests.tiny import make_tiny_checkpoint
+    from lorafit.train.loop import train
+    from lorafit.train.progress import Progress
+
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+    data = write_chat_data(tmp_path / "train.jsonl", 40)
+    cfg = tiny_config(tmp_path, folder, data, max_steps=30, method="qlora",
+                      model={"path": str(folder), "fp8_base": True})
+    losses = [r["loss"] for r in train(cfg, Progress(quiet=True)).history if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5  # as the full-precision run in test_train (5.56 -> 4.58)
+
+
+@pytest.mark.gpu
+@fp8_gpu
+@pytest.mark.parametrize("shape", [(96, 128), (80, 336), (3584, 512), (1536, 8960)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_nf4_to_fp8_triton_equals_reference(shape, transpose):
+    _, module = nf4_linear(*shape, device="cuda", dtype=torch.bfloat16)
+    rows, cols = fp8.channel_scales(module.dequantize(torch.float32))
+    scale = cols if transpose else rows
+    fast = fp8.nf4_to_fp8_triton(module.nf4_tensors(), shape, scale, transpose)
+    reference = fp8.nf4_to_fp8_reference(module.nf4_tensors(), shape, scale, transpose)
+    differ = fast.view(torch.uint8) != reference.view(torch.uint8)
+    assert float(differ.float().mean()) < 1e-3  # ties rounded after a fused multiply-add, at most
+    assert relative_error(fast[differ], reference[differ]) <= E4M3_STEP if differ.any() else True
+
+
+@pytest.mark.gpu
+@fp8_gpu
+@pytest.mark.parametrize("tokens", [4096, 1000])
+def test_fp8_gemms_equal_the_twins_on_fresh_inputs(tokens):
+    torch.manual_seed(tokens)
+    _, base = nf4_linear(512, 1536, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 1536, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+    q, scale = fp8.quantize_rows(x)
+    q_ref, scale_ref = fp8.quantize_rows_reference(x)
+    torch.testing.assert_close(scale, scale_ref)
+    assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
+    rows, cols = base.__dict__.setdefault("_fp8_scales", fp8.channel_scales(base.dequantize(torch.float32)))
+    w_ref = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (512, 1536), rows, False)
+    wt_ref = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (512, 1536), cols, True)
+    forward_twin = (q_ref.float() * scale_ref) @ (w_ref.float() * rows[:, None]).t()
+    backward_twin = fp8.quantize_rows_reference(g)
+    backward_twin = (backward_twin[0].float() * backward_twin[1]) @ (wt_ref.float() * cols[:, None]).t()
+    assert relative_error(fp8.fp8_linear(x, base), forward_twin) < 5e-3  # bf16 output rounding and accumulation
+    assert relative_error(fp8.fp8_linear_input_grad(g, base), backward_twin) < 5e-3
+    exact = x.float() @ base.dequantize(torch.float32).t()
+    assert relative_error(fp8.fp8_linear(x, base), exact) < 0.05
+
+
+@pytest.mark.gpu
+@fp8_gpu
+def test_fp8_model_on_gpu_trains_the_adapter_like_bf16(tmp_path):
+    model = tiny_lora_model(tmp_path, device="cuda", dtype=torch.bfloat16)
+    batch = random_batch(0).to(torch.device("cuda"))
+    runs = []
+    for mark in (False, True):
+        if mark:
+            use_fp8_base(model)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = target_loss_sum(model, model(batch.input_ids, batch.position_ids, None), batch.labels)[0]
+        loss.backward()
+        runs.append((float(loss), torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n])))
+    assert abs(runs[1][0] - runs[0][0]) < 0.01 * runs[0][0]
+    assert torch.nn.functional.cosine_similarity(runs[1][1], runs[0][1], dim=0) > 0.98
