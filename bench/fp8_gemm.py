@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from lorafit.kernels import fp8
+from lorafit.kernels import fp8, fused
 from lorafit.kernels.lora import frozen_weight
 from lorafit.model.quantize import NF4Linear
 
@@ -49,6 +49,7 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
     row["fp8_fwd_ms"] = timed(lambda: fp8.fp8_linear(x, base))
     row["fp8_bwd_ms"] = timed(lambda: fp8.fp8_linear_input_grad(g, base))
     row["quantize_x_ms"] = timed(lambda: fp8.quantize_rows(x))
+    row["quantize_g_ms"] = timed(lambda: fp8.quantize_rows(g))
     row["nf4_bf16_ms"] = timed(lambda: frozen_weight(base, torch.bfloat16))
     row["nf4_fp8_ms"] = timed(lambda: fp8._weight_fp8(base, False))
     row["nf4_fp8_t_ms"] = timed(lambda: fp8._weight_fp8(base, True))
@@ -67,9 +68,18 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
     exact = g[:2048].float() @ base.dequantize(torch.float32)
     for label, y in (("bf16_bwd", g[:2048] @ w), ("fp8_bwd", fp8.fp8_linear_input_grad(g[:2048], base))):
         row[f"{label}_rel_err"] = round(float((y.float() - exact).norm() / exact.norm()), 5)
-    ref_w = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (n, k), base._fp8_scales[1], True)
-    row["transposed_kernel_equal"] = bool(torch.equal(fp8._weight_fp8(base, True)[0].view(torch.uint8),
-                                                      ref_w.view(torch.uint8)))
+    for transpose in (False, True):
+        ref_w = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (n, k), base._fp8_scales[3 if transpose else 2],
+                                         transpose)
+        fast_w = fp8._weight_fp8(base, transpose)[0]
+        row[f"weight_mismatch{'_t' if transpose else ''}"] = float((fast_w.view(torch.uint8)
+                                                                   != ref_w.view(torch.uint8)).float().mean())
+    x_q_ref = fp8.quantize_rows_reference(x)[0]
+    row["quantize_mismatch"] = float((x_q.view(torch.uint8) != x_q_ref.view(torch.uint8)).float().mean())
+    if k == 3584 or k == 1536:  # down_proj's input: the product of gate and up rows as wide as `out`
+        up = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        row["swiglu_quantized_ms"] = timed(lambda: fp8.swiglu_quantized(g, up))
+        row["swiglu_bf16_ms"] = timed(lambda: fused.swiglu(g, up))
     return row
 
 

@@ -39,7 +39,7 @@ def test_nf4_to_fp8_reference_is_the_weight_over_its_channel_scales(transpose):
     _, module = nf4_linear(48, 320)
     dense = module.dequantize(torch.float32)
     rows, cols = fp8.channel_scales(dense)
-    q = fp8.nf4_to_fp8_reference(module.nf4_tensors(), (48, 320), cols if transpose else rows, transpose)
+    q = fp8.nf4_to_fp8_reference(module.nf4_tensors(), (48, 320), 1 / (cols if transpose else rows), transpose)
     assert q.shape == ((320, 48) if transpose else (48, 320))
     back = q.float().t() * cols[None, :] if transpose else q.float() * rows[:, None]
     assert relative_error(back, dense) < 0.03 and (back - dense).abs().max() <= dense.abs().max() * E4M3_STEP
@@ -91,9 +91,9 @@ def test_fp8_base_needs_qlora(tmp_path):
 
 
 def test_training_with_an_fp8_base_lowers_the_loss(tmp_path):
-    from tests.tiny import make_tiny_checkpoint
     from lorafit.train.loop import train
     from lorafit.train.progress import Progress
+    from tests.tiny import make_tiny_checkpoint
 
     folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
     data = write_chat_data(tmp_path / "train.jsonl", 40)
@@ -110,9 +110,9 @@ def test_training_with_an_fp8_base_lowers_the_loss(tmp_path):
 def test_nf4_to_fp8_triton_equals_reference(shape, transpose):
     _, module = nf4_linear(*shape, device="cuda", dtype=torch.bfloat16)
     rows, cols = fp8.channel_scales(module.dequantize(torch.float32))
-    scale = cols if transpose else rows
-    fast = fp8.nf4_to_fp8_triton(module.nf4_tensors(), shape, scale, transpose)
-    reference = fp8.nf4_to_fp8_reference(module.nf4_tensors(), shape, scale, transpose)
+    inverse = 1 / (cols if transpose else rows)
+    fast = fp8.nf4_to_fp8_triton(module.nf4_tensors(), shape, inverse, transpose)
+    reference = fp8.nf4_to_fp8_reference(module.nf4_tensors(), shape, inverse, transpose)
     differ = fast.view(torch.uint8) != reference.view(torch.uint8)
     assert float(differ.float().mean()) < 1e-3  # ties rounded after a fused multiply-add, at most
     assert relative_error(fast[differ], reference[differ]) <= E4M3_STEP if differ.any() else True
@@ -130,9 +130,9 @@ def test_fp8_gemms_equal_the_twins_on_fresh_inputs(tokens):
     q_ref, scale_ref = fp8.quantize_rows_reference(x)
     torch.testing.assert_close(scale, scale_ref)
     assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
-    rows, cols = base.__dict__.setdefault("_fp8_scales", fp8.channel_scales(base.dequantize(torch.float32)))
-    w_ref = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (512, 1536), rows, False)
-    wt_ref = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (512, 1536), cols, True)
+    rows, cols = fp8.channel_scales(base.dequantize(torch.float32))
+    w_ref = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (512, 1536), 1 / rows, False)
+    wt_ref = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (512, 1536), 1 / cols, True)
     forward_twin = (q_ref.float() * scale_ref) @ (w_ref.float() * rows[:, None]).t()
     backward_twin = fp8.quantize_rows_reference(g)
     backward_twin = (backward_twin[0].float() * backward_twin[1]) @ (wt_ref.float() * cols[:, None]).t()
@@ -158,3 +158,44 @@ def test_fp8_model_on_gpu_trains_the_adapter_like_bf16(tmp_path):
         runs.append((float(loss), torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n])))
     assert abs(runs[1][0] - runs[0][0]) < 0.01 * runs[0][0]
     assert torch.nn.functional.cosine_similarity(runs[1][1], runs[0][1], dim=0) > 0.98
+
+
+def test_an_activation_is_quantized_once_while_it_lives_unchanged(monkeypatch):
+    calls = []
+    quantize = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda x: calls.append(x.shape) or quantize(x))
+    x = torch.randn(4, 3, 64)
+    first = fp8.quantize_activation(x)
+    assert fp8.quantize_activation(x)[0] is first[0] and len(calls) == 1
+    x.mul_(2)  # changed in place: its version moves on
+    again = fp8.quantize_activation(x)
+    assert len(calls) == 2 and torch.allclose(again[1], 2 * first[1])
+    fp8.quantize_activation(x.clone())  # equal values, another tensor
+    assert len(calls) == 3
+
+
+def test_fp8_model_quantizes_each_layer_input_once(tmp_path, monkeypatch):
+    """Per layer: the attention input (shared by q, k, v), the attention output and the MLP input (shared by gate and
+    up); down_proj's input comes quantized out of the SwiGLU pass."""
+    model = tiny_lora_model(tmp_path)
+    use_fp8_base(model)
+    calls = []
+    quantize = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda x: calls.append(x.shape) or quantize(x))
+    batch = random_batch(0)
+    with torch.no_grad():
+        model(batch.input_ids, batch.position_ids, None)
+    assert calls == [(48, 64)] * 3 * 2  # 2 rows x 24 tokens, hidden 64; 2 layers
+
+
+@pytest.mark.gpu
+@fp8_gpu
+@pytest.mark.parametrize("width", [1536, 8960, 1000])
+def test_swiglu_quantized_kernel_equals_reference(width):
+    torch.manual_seed(width)
+    gate, up = (torch.randn(300, width, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(2))
+    product, q, scale = fp8.swiglu_quantized(gate, up)
+    product_ref, q_ref, scale_ref = fp8.swiglu_quantized_reference(gate, up)
+    torch.testing.assert_close(product, product_ref)
+    torch.testing.assert_close(scale, scale_ref)
+    assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3

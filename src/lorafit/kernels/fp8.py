@@ -19,6 +19,8 @@ fast path does, so the tests compare the GEMMs' accumulation only. On the CPU th
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lorafit.kernels.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE, FORCE_REFERENCE, dequantize_nf4_reference
@@ -34,16 +36,113 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (x / scale).to(E4M3), scale
 
 
-_compiled_quantize = None
+def swiglu_quantized_reference(gate: torch.Tensor, up: torch.Tensor):
+    """silu(gate) * up in gate's dtype, and that product's rows quantized: down_proj's input, both ways."""
+    product = (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+    return (product, *quantize_rows_reference(product))
+
+
+_kernels: dict = {}
+
+
+def _build_row_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, BLOCK: tl.constexpr, MAX: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * K
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, 0), 1e-12) / MAX
+        tl.store(scale_ptr + tl.program_id(0), scale)
+        for start in range(0, K, BLOCK):  # the row again, from L2: a row is at most ~40 KB
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            tl.store(q_ptr + row + cols, (x / scale).to(q_ptr.dtype.element_ty), mask=cols < K)
+
+    @triton.jit
+    def swiglu_quantized_kernel(gate_ptr, up_ptr, product_ptr, q_ptr, scale_ptr, K, BLOCK: tl.constexpr,
+                                MAX: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * K
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            g = tl.load(gate_ptr + row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            p = (g * tl.sigmoid(g) * u).to(product_ptr.dtype.element_ty)
+            tl.store(product_ptr + row + cols, p, mask=cols < K)
+            amax = tl.maximum(amax, tl.abs(p.to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, 0), 1e-12) / MAX
+        tl.store(scale_ptr + tl.program_id(0), scale)
+        for start in range(0, K, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            p = tl.load(product_ptr + row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            tl.store(q_ptr + row + cols, (p / scale).to(q_ptr.dtype.element_ty), mask=cols < K)
+
+    return quantize_rows_kernel, swiglu_quantized_kernel
+
+
+def _row_kernels():
+    if "rows" not in _kernels:
+        _kernels["rows"] = _build_row_kernels()
+    return _kernels["rows"]
+
+
+def _fast(x: torch.Tensor) -> bool:
+    return x.is_cuda and not FORCE_REFERENCE
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    global _compiled_quantize
-    if not x.is_cuda or FORCE_REFERENCE:
+    if not _fast(x):
         return quantize_rows_reference(x)
-    if _compiled_quantize is None:  # one fused Triton kernel (row max, divide, cast) instead of five passes
-        _compiled_quantize = torch.compile(quantize_rows_reference, dynamic=None)
-    return _compiled_quantize(x)
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=E4M3, device=x.device)
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    _row_kernels()[0][(x.shape[0],)](x, q, scale, x.shape[1], BLOCK=1024, MAX=E4M3_MAX)
+    return q, scale
+
+
+def swiglu_quantized(gate: torch.Tensor, up: torch.Tensor):
+    """(silu(gate) * up, its e4m3 rows, their scales) for gate, up [M, K], in one pass over gate and up."""
+    if not _fast(gate):
+        return swiglu_quantized_reference(gate, up)
+    gate, up = gate.contiguous(), up.contiguous()
+    product = torch.empty_like(gate)
+    q = torch.empty(gate.shape, dtype=E4M3, device=gate.device)
+    scale = torch.empty((gate.shape[0], 1), dtype=torch.float32, device=gate.device)
+    _row_kernels()[1][(gate.shape[0],)](gate, up, product, q, scale, gate.shape[1], BLOCK=1024, MAX=E4M3_MAX)
+    return product, q, scale
+
+
+_last_input: list = [None]  # (weak reference to an activation, its version, its e4m3 rows, their scales)
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` of x [..., K] as [M, K], remembered while x lives and is unchanged: q, k and v read one
+    input, as do gate and up, so each is quantized once. The weak reference makes a stale hit impossible (a live
+    tensor's memory is not reused) and lets the copy go with x."""
+    last = _last_input[0]
+    if last is not None and last[0]() is x and last[1] == x._version:
+        return last[2], last[3]
+    q, scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    _remember(x, q, scale)
+    return q, scale
+
+
+def _remember(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    _last_input[0] = (weakref.ref(x, lambda _: _last_input.__setitem__(0, None)), x._version, q, scale)
+
+
+def swiglu_remembered(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, its e4m3 rows made in the same pass and remembered for the down_proj it goes into."""
+    product, q, scale = swiglu_quantized(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
+    product = product.view(gate.shape)
+    _remember(product, q, scale)
+    return product
 
 
 def channel_scales(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,30 +151,23 @@ def channel_scales(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (magnitude.amax(1).clamp(min=1e-12) / E4M3_MAX, magnitude.amax(0).clamp(min=1e-12) / E4M3_MAX)
 
 
-def nf4_to_fp8_reference(tensors, shape: tuple[int, int], scale: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """The NF4 weight [out, in] in e4m3, divided by `scale` per output channel ([out, in] layout) or per input
+def nf4_to_fp8_reference(tensors, shape: tuple[int, int], inverse_scale: torch.Tensor,
+                         transpose: bool) -> torch.Tensor:
+    """The NF4 weight [out, in] in e4m3, times `inverse_scale` per output channel ([out, in] layout) or per input
     channel ([in, out] layout, `transpose`)."""
     dense = dequantize_nf4_reference(*tensors, shape=shape, dtype=torch.float32)
     if transpose:
-        return (dense * (1.0 / scale)[None, :]).t().contiguous().to(E4M3)
-    return (dense * (1.0 / scale)[:, None]).to(E4M3)
+        return (dense * inverse_scale[None, :]).t().contiguous().to(E4M3)
+    return (dense * inverse_scale[:, None]).to(E4M3)
 
 
-_triton_kernel = None
-
-
-def _build_triton_kernel():
+def _build_weight_kernels():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def nf4_to_fp8_kernel(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr,
-                          inv_scale_ptr, out_ptr, N, K, TRANSPOSE: tl.constexpr, BN: tl.constexpr,
-                          BK: tl.constexpr, BLOCKSIZE: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr):
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
-        k = tl.program_id(1) * BK + tl.arange(0, BK)
-        inside = (n[:, None] < N) & (k[None, :] < K)
-        idx = n[:, None].to(tl.int64) * K + k[None, :]
+    def nf4_values(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr, idx, inside,
+                   BLOCKSIZE: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr):
         byte = tl.load(packed_ptr + idx // 2, mask=inside, other=0).to(tl.int32)
         nibble = tl.where(idx % 2 == 0, byte >> 4, byte & 15)
         value = tl.load(code_ptr + nibble, mask=inside, other=0.0)
@@ -83,40 +175,62 @@ def _build_triton_kernel():
         q = tl.load(absmax_q_ptr + block, mask=inside, other=0).to(tl.int32)
         absmax = tl.load(absmax_map_ptr + q, mask=inside, other=0.0) * tl.load(
             absmax_scale_ptr + block // ABSMAX_BLOCKSIZE, mask=inside, other=0.0) + tl.load(offset_ptr)
-        value = value * absmax
-        if TRANSPOSE:
-            inv = tl.load(inv_scale_ptr + k, mask=k < K, other=0.0)
-            out = (value * inv[None, :]).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + k[None, :].to(tl.int64) * N + n[:, None], out, mask=inside)
-        else:
-            inv = tl.load(inv_scale_ptr + n, mask=n < N, other=0.0)
-            tl.store(out_ptr + idx, (value * inv[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
+        return value * absmax
 
-    return nf4_to_fp8_kernel
+    @triton.jit
+    def nf4_to_fp8_rows_kernel(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr,
+                               inv_scale_ptr, out_ptr, n, K, BLOCK: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                               ABSMAX_BLOCKSIZE: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = idx < n
+        value = nf4_values(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr, idx,
+                           inside, BLOCKSIZE, ABSMAX_BLOCKSIZE)
+        inv = tl.load(inv_scale_ptr + idx // K, mask=inside, other=0.0)
+        tl.store(out_ptr + idx, (value * inv).to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def nf4_to_fp8_transposed_kernel(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr,
+                                     code_ptr, inv_scale_ptr, out_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr,
+                                     BLOCKSIZE: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr):
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        k = tl.program_id(1) * BK + tl.arange(0, BK)
+        inside = (n[:, None] < N) & (k[None, :] < K)
+        idx = n[:, None].to(tl.int64) * K + k[None, :]
+        value = nf4_values(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr, code_ptr, idx,
+                           inside, BLOCKSIZE, ABSMAX_BLOCKSIZE)
+        inv = tl.load(inv_scale_ptr + k, mask=k < K, other=0.0)
+        out = (value * inv[None, :]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + k[None, :].to(tl.int64) * N + n[:, None], out, mask=inside)
+
+    return nf4_to_fp8_rows_kernel, nf4_to_fp8_transposed_kernel
 
 
-def nf4_to_fp8_triton(tensors, shape: tuple[int, int], scale: torch.Tensor, transpose: bool) -> torch.Tensor:
-    global _triton_kernel
-    if _triton_kernel is None:
-        _triton_kernel = _build_triton_kernel()
+def nf4_to_fp8_triton(tensors, shape: tuple[int, int], inverse_scale: torch.Tensor,
+                      transpose: bool) -> torch.Tensor:
+    if "weights" not in _kernels:
+        _kernels["weights"] = _build_weight_kernels()
+    rows_kernel, transposed_kernel = _kernels["weights"]
     n, k = shape
     out = torch.empty((k, n) if transpose else (n, k), dtype=E4M3, device=tensors[0].device)
-    grid = (-(-n // 64), -(-k // 64))
-    _triton_kernel[grid](*tensors, 1.0 / scale, out, n, k, TRANSPOSE=transpose, BN=64, BK=64, BLOCKSIZE=BLOCKSIZE,
-                         ABSMAX_BLOCKSIZE=ABSMAX_BLOCKSIZE)
+    constants = dict(BLOCKSIZE=BLOCKSIZE, ABSMAX_BLOCKSIZE=ABSMAX_BLOCKSIZE)
+    if transpose:
+        transposed_kernel[(-(-n // 64), -(-k // 64))](*tensors, inverse_scale, out, n, k, BN=64, BK=64, **constants)
+    else:
+        rows_kernel[(-(-n * k // 2048),)](*tensors, inverse_scale, out, n * k, k, BLOCK=2048, **constants)
     return out
 
 
 def _weight_fp8(base, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen weight in e4m3 ([out, in], or [in, out] with `transpose`) and its fp32 channel scales."""
     scales = base.__dict__.get("_fp8_scales")
-    if scales is None:  # once per module: the base never changes
-        scales = base.__dict__["_fp8_scales"] = channel_scales(base.dequantize(torch.float32))
-    scale = scales[1] if transpose else scales[0]
+    if scales is None:  # once per module (the base never changes): per output channel, per input channel, inverses
+        rows, cols = channel_scales(base.dequantize(torch.float32))
+        scales = base.__dict__["_fp8_scales"] = (rows, cols, 1.0 / rows, 1.0 / cols)
+    scale, inverse = (scales[1], scales[3]) if transpose else (scales[0], scales[2])
     tensors = base.nf4_tensors()
-    fast = tensors[0].is_cuda and not FORCE_REFERENCE
     shape = (base.out_features, base.in_features)
-    return (nf4_to_fp8_triton if fast else nf4_to_fp8_reference)(tensors, shape, scale, transpose), scale
+    return (nf4_to_fp8_triton if _fast(tensors[0]) else nf4_to_fp8_reference)(tensors, shape, inverse,
+                                                                              transpose), scale
 
 
 def _scaled_matmul(a_q, a_scale, b_q_t, b_scale, out_dtype):
@@ -130,7 +244,7 @@ def _scaled_matmul(a_q, a_scale, b_q_t, b_scale, out_dtype):
 
 def fp8_linear(x: torch.Tensor, base) -> torch.Tensor:
     """x [..., in] @ W^T in e4m3, returned in x's dtype (no bias)."""
-    x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    x_q, x_scale = quantize_activation(x)
     w_q, w_scale = _weight_fp8(base, transpose=False)
     return _scaled_matmul(x_q, x_scale, w_q, w_scale, x.dtype).view(*x.shape[:-1], -1)
 

@@ -68,10 +68,12 @@ def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def frozen_matmul(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
-    """x [N, in] @ W^T (+ bias) in x's dtype; in e4m3 when the base is marked `fp8` (kernels/fp8.py)."""
+    """x [..., in] @ W^T (+ bias) as [tokens, out] in x's dtype; in e4m3 when the base is marked `fp8`
+    (kernels/fp8.py)."""
     if getattr(base, "fp8", False):
-        y = fp8.fp8_linear(x, base)
+        y = fp8.fp8_linear(x, base).view(-1, base.out_features)
         return y.add_(base.bias.to(x.dtype)) if base.bias is not None else y
+    x = x.reshape(-1, x.shape[-1])
     weight = frozen_weight(base, x.dtype)
     return torch.addmm(base.bias.to(x.dtype), x, weight.t()) if base.bias is not None else x @ weight.t()
 
@@ -88,9 +90,9 @@ class LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, x_lora, lora_a, lora_b, base, scaling):
         shape = x.shape
         dtype = x.dtype
-        x2, xl2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1])
+        xl2 = x_lora.reshape(-1, shape[-1])
         a, b = cast_cached(lora_a, dtype), cast_cached(lora_b, dtype)
-        y = frozen_matmul(x2, base)
+        y = frozen_matmul(x, base)  # x itself: an FP8 base quantizes the input q, k and v share once
         xa = xl2 @ a.t()
         y.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(xl2, xa, a, b)

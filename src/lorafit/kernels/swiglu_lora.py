@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafit.kernels import fused
+from lorafit.kernels import fp8, fused
 from lorafit.kernels.lora import cast_cached, frozen_input_grad, frozen_matmul
 
 
@@ -30,9 +30,10 @@ class SwiGLULoRAFunction(torch.autograd.Function):
     def forward(ctx, gate, up, lora_a, lora_b, base, scaling):
         shape, dtype = gate.shape, gate.dtype
         g2, u2 = gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])
-        product = fused.swiglu(g2, u2)
-        a, b = cast_cached(lora_a, dtype), cast_cached(lora_b, dtype)
+        # an FP8 base: the product's e4m3 rows made in the same pass (kernels/fp8.py)
+        product = fp8.swiglu_remembered(g2, u2) if getattr(base, "fp8", False) else fused.swiglu(g2, u2)
         y = frozen_matmul(product, base)
+        a, b = cast_cached(lora_a, dtype), cast_cached(lora_b, dtype)
         pa = product @ a.t()
         del product
         y.addmm_(pa, b.t(), alpha=scaling)

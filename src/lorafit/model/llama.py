@@ -164,8 +164,8 @@ class MLP(nn.Module):
 
     def plain_forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if hasattr(self.down_proj, "forward_swiglu") and not self.keep_product:  # keeps gate and up, not the product
-            return self.down_proj.forward_swiglu(gate, up)
+        if hasattr(self.down_proj, "forward_swiglu"):  # a LoRA linear: it keeps gate and up, not the product
+            return self.down_proj.forward_swiglu(gate, up, self.keep_product)
         return self.down_proj(swiglu(gate, up))
 
 

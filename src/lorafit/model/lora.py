@@ -23,7 +23,7 @@ from torch import nn
 
 from lorafit.config import LoraConfig
 from lorafit.errors import ModelError
-from lorafit.kernels import fused
+from lorafit.kernels import fp8, fused
 from lorafit.kernels.lora import lora_linear
 from lorafit.kernels.nf4 import FORCE_REFERENCE
 from lorafit.kernels.swiglu_lora import swiglu_lora
@@ -53,10 +53,12 @@ class LoRALinear(nn.Module):
         x_lora = self.lora_dropout(x)
         return lora_linear(x, x_lora, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling)
 
-    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """self(silu(gate) * up), the product not kept for backward (kernels/swiglu_lora.py): the MLP's down_proj."""
-        if FORCE_REFERENCE or not isinstance(self.lora_dropout, nn.Identity):  # dropout needs the product and its mask
-            return self(fused.swiglu(gate, up))
+    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor, keep_product: bool = False) -> torch.Tensor:
+        """self(silu(gate) * up): the MLP's down_proj. The product is not kept for backward (kernels/swiglu_lora.py)
+        unless `keep_product` (model.llama.MLP says when that pays) or dropout (it needs the product and its mask)."""
+        if FORCE_REFERENCE or keep_product or not isinstance(self.lora_dropout, nn.Identity):
+            fp8_base = getattr(self.base_layer, "fp8", False)  # then its e4m3 rows come in the same pass
+            return self(fp8.swiglu_remembered(gate, up) if fp8_base else fused.swiglu(gate, up))
         return swiglu_lora(gate, up, self)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
