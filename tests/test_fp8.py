@@ -199,3 +199,14 @@ def test_swiglu_quantized_kernel_equals_reference(width):
     torch.testing.assert_close(product, product_ref)
     torch.testing.assert_close(scale, scale_ref)
     assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
+
+
+def test_swiglu_remembered_has_swiglus_gradient_and_remembers_its_rows():
+    gate, up = (torch.randn(2, 5, 64, requires_grad=True) for _ in range(2))
+    product = fp8.swiglu_remembered(gate, up)
+    assert fp8.quantize_activation(product)[0].shape == (10, 64)  # the remembered rows, not quantized again
+    product.pow(2).sum().backward()
+    gate2, up2 = (t.detach().clone().requires_grad_(True) for t in (gate, up))
+    (torch.nn.functional.silu(gate2) * up2).pow(2).sum().backward()
+    torch.testing.assert_close(gate.grad, gate2.grad)
+    torch.testing.assert_close(up.grad, up2.grad)

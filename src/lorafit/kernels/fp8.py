@@ -23,6 +23,7 @@ import weakref
 
 import torch
 
+from lorafit.kernels import fused
 from lorafit.kernels.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE, FORCE_REFERENCE, dequantize_nf4_reference
 
 E4M3 = torch.float8_e4m3fn
@@ -37,9 +38,10 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def swiglu_quantized_reference(gate: torch.Tensor, up: torch.Tensor):
-    """silu(gate) * up in gate's dtype, and that product's rows quantized: down_proj's input, both ways."""
+    """silu(gate) * up in gate's dtype ([..., K]), and that product's rows quantized ([M, K], [M, 1]): down_proj's
+    input, both ways."""
     product = (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
-    return (product, *quantize_rows_reference(product))
+    return (product, *quantize_rows_reference(product.reshape(-1, product.shape[-1])))
 
 
 _kernels: dict = {}
@@ -107,15 +109,33 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def swiglu_quantized(gate: torch.Tensor, up: torch.Tensor):
-    """(silu(gate) * up, its e4m3 rows, their scales) for gate, up [M, K], in one pass over gate and up."""
+    """(silu(gate) * up, its e4m3 rows, their scales) for gate, up [..., K], in one pass over gate and up."""
     if not _fast(gate):
         return swiglu_quantized_reference(gate, up)
     gate, up = gate.contiguous(), up.contiguous()
+    width = gate.shape[-1]
+    rows = gate.numel() // width
     product = torch.empty_like(gate)
-    q = torch.empty(gate.shape, dtype=E4M3, device=gate.device)
-    scale = torch.empty((gate.shape[0], 1), dtype=torch.float32, device=gate.device)
-    _row_kernels()[1][(gate.shape[0],)](gate, up, product, q, scale, gate.shape[1], BLOCK=1024, MAX=E4M3_MAX)
+    q = torch.empty((rows, width), dtype=E4M3, device=gate.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=gate.device)
+    _row_kernels()[1][(rows,)](gate, up, product, q, scale, width, BLOCK=1024, MAX=E4M3_MAX)
     return product, q, scale
+
+
+class _SwiGLUQuantized(torch.autograd.Function):
+    """`swiglu_quantized` with the product's gradient (SwiGLU's backward, kernels/fused.py); the e4m3 copy has none."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        product, q, scale = swiglu_quantized(gate, up)
+        ctx.save_for_backward(gate, up)
+        ctx.mark_non_differentiable(q, scale)
+        return product, q, scale
+
+    @staticmethod
+    def backward(ctx, grad, _grad_q, _grad_scale):
+        gate, up = ctx.saved_tensors
+        return fused.swiglu_backward(gate, up, grad)
 
 
 _last_input: list = [None]  # (weak reference to an activation, its version, its e4m3 rows, their scales)
@@ -139,8 +159,7 @@ def _remember(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
 
 def swiglu_remembered(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, its e4m3 rows made in the same pass and remembered for the down_proj it goes into."""
-    product, q, scale = swiglu_quantized(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
-    product = product.view(gate.shape)
+    product, q, scale = _SwiGLUQuantized.apply(gate, up)
     _remember(product, q, scale)
     return product
 
