@@ -34,6 +34,8 @@ for section in "$@"; do
     small)
       run qwen2.5-7b 2048 2 --fp8
       run qwen2.5-7b 2048 2 ;;
+    small-fp8)
+      run qwen2.5-7b 2048 2 --fp8 ;;
     *) echo "unknown section $section" ;;
   esac
 done
