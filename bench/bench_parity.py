@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--tolerance", type=float, default=0.03, help="see the module docstring")
     parser.add_argument("--workdir", default="/tmp/lorafit_parity")
-    parser.add_argument("--variants", default="fast,reference", help="two of fast, graphs, fp8, reference: the first is "
-                        "compared with the second")
+    parser.add_argument("--variants", default="fast,reference",
+                        help="two of fast, graphs, fp8, reference: the first is compared with the second")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     first, second = args.variants.split(",")

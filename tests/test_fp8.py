@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorafit.config import ConfigError
-from lorafit.kernels import fp8
+from lorafit.kernels import fp8, fp8_rows
 from lorafit.kernels.lora import lora_linear
 from lorafit.model.quantize import use_fp8_base
 from lorafit.train.loss import target_loss_sum
@@ -162,8 +162,8 @@ def test_fp8_model_on_gpu_trains_the_adapter_like_bf16(tmp_path):
 
 def test_an_activation_is_quantized_once_while_it_lives_unchanged(monkeypatch):
     calls = []
-    quantize = fp8.quantize_rows
-    monkeypatch.setattr(fp8, "quantize_rows", lambda x: calls.append(x.shape) or quantize(x))
+    quantize = fp8_rows.quantize_rows
+    monkeypatch.setattr(fp8_rows, "quantize_rows", lambda x: calls.append(x.shape) or quantize(x))
     x = torch.randn(4, 3, 64)
     first = fp8.quantize_activation(x)
     assert fp8.quantize_activation(x)[0] is first[0] and len(calls) == 1
@@ -180,8 +180,8 @@ def test_fp8_model_quantizes_each_layer_input_once(tmp_path, monkeypatch):
     model = tiny_lora_model(tmp_path)
     use_fp8_base(model)
     calls = []
-    quantize = fp8.quantize_rows
-    monkeypatch.setattr(fp8, "quantize_rows", lambda x: calls.append(x.shape) or quantize(x))
+    quantize = fp8_rows.quantize_rows
+    monkeypatch.setattr(fp8_rows, "quantize_rows", lambda x: calls.append(x.shape) or quantize(x))
     batch = random_batch(0)
     with torch.no_grad():
         model(batch.input_ids, batch.position_ids, None)
@@ -210,3 +210,20 @@ def test_swiglu_remembered_has_swiglus_gradient_and_remembers_its_rows():
     (torch.nn.functional.silu(gate2) * up2).pow(2).sum().backward()
     torch.testing.assert_close(gate.grad, gate2.grad)
     torch.testing.assert_close(up.grad, up2.grad)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_intermediate_rows_are_never_quantized_on_their_own(tmp_path, monkeypatch, checkpointing):
+    """[tokens, intermediate] tensors get their e4m3 rows where they are made: the SwiGLU product in its forward,
+    gate's and up's output gradients in SwiGLU's backward. Only hidden-wide tensors (and k/v-wide gradients) are
+    quantized on their own; with the remembered rows lost, the intermediate ones would be too (the test would fail)."""
+    model = tiny_lora_model(tmp_path)
+    model.gradient_checkpointing = checkpointing
+    use_fp8_base(model)
+    widths = []
+    quantize = fp8_rows.quantize_rows
+    monkeypatch.setattr(fp8_rows, "quantize_rows", lambda x: widths.append(x.shape[-1]) or quantize(x))
+    batch = random_batch(0)
+    target_loss_sum(model, model(batch.input_ids, batch.position_ids, None), batch.labels)[0].backward()
+    assert 128 not in widths and set(widths) == {64, 32}  # hidden 64, k/v 32, intermediate 128
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

@@ -79,10 +79,11 @@ def frozen_matmul(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
 
 
 def frozen_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
-    """grad [N, out] @ W: the frozen matmul's input gradient, in e4m3 when the base is marked `fp8`."""
+    """grad [..., out] @ W as [tokens, in]: the frozen matmul's input gradient, in e4m3 when the base is marked
+    `fp8` (grad itself, not a reshaped view: its maker may have left its e4m3 rows, kernels/fp8_rows.py)."""
     if getattr(base, "fp8", False):
-        return fp8.fp8_linear_input_grad(grad, base)
-    return grad @ frozen_weight(base, grad.dtype)
+        return fp8.fp8_linear_input_grad(grad, base).view(-1, base.in_features)
+    return grad.reshape(-1, grad.shape[-1]) @ frozen_weight(base, grad.dtype)
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -110,7 +111,7 @@ class LoRAFunction(torch.autograd.Function):
         grad_a = (gb.t() @ xl2).mul_(s).to(ctx.master_dtypes[0])
         grad_x = grad_x_lora = None
         if ctx.needs_input_grad[0]:
-            grad_x = frozen_input_grad(g, ctx.base)
+            grad_x = frozen_input_grad(grad if grad.dtype == g.dtype else g, ctx.base)
             if ctx.same_input:
                 grad_x.addmm_(gb, a, alpha=s)
             else:

@@ -54,11 +54,16 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         del product
         grad_gate = grad_up = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_product = frozen_input_grad(g, ctx.base)
+            grad_product = frozen_input_grad(grad if grad.dtype == g.dtype else g, ctx.base)
             grad_product.addmm_(gb, a, alpha=s)
-            grad_gate, grad_up = fused.swiglu_backward(g2, u2, grad_product)
+            if getattr(ctx.base, "fp8", False):  # gate_proj's and up_proj's e4m3 gradient rows in the same pass
+                shape = ctx.shape
+                grad_gate, grad_up = fp8.swiglu_backward_remembered(g2.view(shape), u2.view(shape),
+                                                                    grad_product.view(shape))
+            else:
+                grad_gate, grad_up = fused.swiglu_backward(g2, u2, grad_product)
+                grad_gate, grad_up = grad_gate.view(ctx.shape), grad_up.view(ctx.shape)
             del grad_product
-            grad_gate, grad_up = grad_gate.view(ctx.shape), grad_up.view(ctx.shape)
         return grad_gate, grad_up, grad_a, grad_b, None, None
 
 
