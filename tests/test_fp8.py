@@ -227,3 +227,18 @@ def test_intermediate_rows_are_never_quantized_on_their_own(tmp_path, monkeypatc
     target_loss_sum(model, model(batch.input_ids, batch.position_ids, None), batch.labels)[0].backward()
     assert 128 not in widths and set(widths) == {64, 32}  # hidden 64, k/v 32, intermediate 128
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.gpu
+@fp8_gpu
+@pytest.mark.parametrize("width", [1536, 8960, 1000])
+def test_swiglu_backward_quantized_kernel_equals_reference(width):
+    torch.manual_seed(width)
+    gate, up, grad = (torch.randn(300, width, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(3))
+    fast = fp8.swiglu_backward_quantized(gate, up, grad)
+    reference = fp8.swiglu_backward_quantized_reference(gate, up, grad)
+    for made, expected in zip(fast[:2], reference[:2]):
+        torch.testing.assert_close(made, expected)
+    for (q, scale), (q_ref, scale_ref) in zip(fast[2:], reference[2:]):
+        torch.testing.assert_close(scale, scale_ref)
+        assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
