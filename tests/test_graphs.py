@@ -64,9 +64,10 @@ def test_collate_pads_to_the_asked_width():
 
 
 def test_graphs_say_why_not_and_on_rejects_what_cannot_be_recorded():
-    cfg = load_config(overrides={"lora": {"dropout": 0.1}, "offload_checkpoints": True})
+    cfg = load_config(overrides={"lora": {"dropout": 0.1}, "offload_checkpoints": True, "model": {"fp8_base": True}})
     reason = graphs_unavailable(cfg, torch.device("cpu"), world=1, streaming=False)
     assert "not a CUDA GPU" in reason and "lora.dropout" in reason and "offload_checkpoints" in reason
+    assert "model.fp8_base" in reason
     with pytest.raises(ConfigError, match="lora.dropout > 0, offload_checkpoints"):
         load_config(overrides={"cuda_graphs": "on", "lora": {"dropout": 0.1}, "offload_checkpoints": True})
     assert load_config(overrides={"cuda_graphs": "on"}).cuda_graphs == "on"

@@ -49,6 +49,7 @@ def graphs_unavailable(cfg, device: torch.device, world: int, streaming: bool) -
         "offload_activations (pinned host copies)": cfg.offload_activations > 0,
         "mlp_chunk_tokens (its recomputation restores RNG state)": cfg.mlp_chunk_tokens > 0,
         "layer streaming": streaming,
+        "model.fp8_base (its remembered e4m3 rows are Python state between kernels)": cfg.model.fp8_base,
         "LORAFIT_REFERENCE_KERNELS=1 (the plain-PyTorch twins run as they are)": FORCE_REFERENCE,
     }
     found = [reason for reason, applies in reasons.items() if applies]
