@@ -46,9 +46,9 @@ class ModelConfig:
         "vocab x hidden x 2 bytes: 1.1 GB for Qwen2.5-7B); auto: on one GPU when the table is not tied to the LM "
         "head and the method is lora or qlora", default="auto")
     fp8_base: bool = _help(
-        "qlora: run the frozen base's matmuls in FP8 (e4m3, per-token and per-channel scales) on GPUs that have FP8 "
-        "tensor cores (H100, L4, RTX 40xx): faster, with a slightly noisier base (see BENCHMARKS.md); the adapters, "
-        "their gradients and the optimizer are unchanged", default=False)
+        "qlora: run the frozen base's matmuls in FP8 (e4m3, per-token and per-channel scales) on Hopper GPUs (H100, "
+        "H200): faster, with a slightly noisier base (see BENCHMARKS.md); the adapters, their gradients and the "
+        "optimizer are unchanged", default=False)
 
     def __post_init__(self):
         if self.resident_layers is not None and self.resident_layers < 0:

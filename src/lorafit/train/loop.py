@@ -121,8 +121,8 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.model.fp8_base:
         if not fp8_supported(device):
-            raise LorafitError(f"model.fp8_base: {device} has no FP8 tensor cores (compute capability 8.9 or "
-                               "newer: H100, L4, RTX 40xx); set model.fp8_base false")
+            raise LorafitError(f"model.fp8_base: {device} cannot run row-wise scaled FP8 GEMMs (they need compute "
+                               "capability 9.0 or newer: H100, H200); set model.fp8_base false")
         progress.say(f"frozen base in FP8: {use_fp8_base(model)} NF4 linears compute in e4m3"
                      + (" (CPU: the plain-PyTorch twin, slow)" if device.type == "cpu" else ""))
     if loaded.streamer is not None:  # model/stream.py
