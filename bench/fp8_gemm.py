@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from lorafit.kernels import fp8, fused
+from lorafit.kernels import fp8, fp8_rows, fused
 from lorafit.kernels.lora import frozen_weight
 from lorafit.model.quantize import NF4Linear
 
@@ -48,13 +48,13 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
     row["bf16_bwd_ms"] = timed(lambda: g @ frozen_weight(base, torch.bfloat16))
     row["fp8_fwd_ms"] = timed(lambda: fp8.fp8_linear(x, base))
     row["fp8_bwd_ms"] = timed(lambda: fp8.fp8_linear_input_grad(g, base))
-    row["quantize_x_ms"] = timed(lambda: fp8.quantize_rows(x))
-    row["quantize_g_ms"] = timed(lambda: fp8.quantize_rows(g))
+    row["quantize_x_ms"] = timed(lambda: fp8_rows.quantize_rows(x))
+    row["quantize_g_ms"] = timed(lambda: fp8_rows.quantize_rows(g))
     row["nf4_bf16_ms"] = timed(lambda: frozen_weight(base, torch.bfloat16))
     row["nf4_fp8_ms"] = timed(lambda: fp8._weight_fp8(base, False))
     row["nf4_fp8_t_ms"] = timed(lambda: fp8._weight_fp8(base, True))
     w_q, w_scale = fp8._weight_fp8(base, False)
-    x_q, x_scale = fp8.quantize_rows(x)
+    x_q, x_scale = fp8_rows.quantize_rows(x)
     row["gemm_fp8_ms"] = timed(lambda: torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale,
                                                         scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16))
     w = frozen_weight(base, torch.bfloat16)
@@ -74,11 +74,11 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
         fast_w = fp8._weight_fp8(base, transpose)[0]
         row[f"weight_mismatch{'_t' if transpose else ''}"] = float((fast_w.view(torch.uint8)
                                                                    != ref_w.view(torch.uint8)).float().mean())
-    x_q_ref = fp8.quantize_rows_reference(x)[0]
+    x_q_ref = fp8_rows.quantize_rows_reference(x)[0]
     row["quantize_mismatch"] = float((x_q.view(torch.uint8) != x_q_ref.view(torch.uint8)).float().mean())
     if k == 3584 or k == 1536:  # down_proj's input: the product of gate and up rows as wide as `out`
         up = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        row["swiglu_quantized_ms"] = timed(lambda: fp8.swiglu_quantized(g, up))
+        row["swiglu_quantized_ms"] = timed(lambda: fp8_rows.swiglu_quantized(g, up))
         row["swiglu_bf16_ms"] = timed(lambda: fused.swiglu(g, up))
     return row
 

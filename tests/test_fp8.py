@@ -25,9 +25,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_quantized_rows_round_trip_within_half_a_step_and_use_the_whole_range():
     x = torch.randn(64, 256) * torch.logspace(-3, 3, 64)[:, None]  # rows six orders of magnitude apart
-    q, scale = fp8.quantize_rows_reference(x)
-    assert q.dtype == fp8.E4M3 and scale.shape == (64, 1)
-    assert torch.equal(q.float().abs().amax(-1), torch.full((64,), fp8.E4M3_MAX))  # each row's max maps to 448
+    q, scale = fp8_rows.quantize_rows_reference(x)
+    assert q.dtype == fp8_rows.E4M3 and scale.shape == (64, 1)
+    assert torch.equal(q.float().abs().amax(-1), torch.full((64,), fp8_rows.E4M3_MAX))  # each row's max maps to 448
     back = q.float() * scale
     normal = x.abs() >= scale * 2 ** -6  # e4m3's smallest normal value; below it the spacing is absolute
     assert ((back - x).abs() <= x.abs() * E4M3_STEP / 2 + 1e-12)[normal].all()
@@ -126,15 +126,15 @@ def test_fp8_gemms_equal_the_twins_on_fresh_inputs(tokens):
     _, base = nf4_linear(512, 1536, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, 1536, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
-    q, scale = fp8.quantize_rows(x)
-    q_ref, scale_ref = fp8.quantize_rows_reference(x)
+    q, scale = fp8_rows.quantize_rows(x)
+    q_ref, scale_ref = fp8_rows.quantize_rows_reference(x)
     torch.testing.assert_close(scale, scale_ref)
     assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
     rows, cols = fp8.channel_scales(base.dequantize(torch.float32))
     w_ref = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (512, 1536), 1 / rows, False)
     wt_ref = fp8.nf4_to_fp8_reference(base.nf4_tensors(), (512, 1536), 1 / cols, True)
     forward_twin = (q_ref.float() * scale_ref) @ (w_ref.float() * rows[:, None]).t()
-    backward_twin = fp8.quantize_rows_reference(g)
+    backward_twin = fp8_rows.quantize_rows_reference(g)
     backward_twin = (backward_twin[0].float() * backward_twin[1]) @ (wt_ref.float() * cols[:, None]).t()
     assert relative_error(fp8.fp8_linear(x, base), forward_twin) < 5e-3  # bf16 output rounding and accumulation
     assert relative_error(fp8.fp8_linear_input_grad(g, base), backward_twin) < 5e-3
@@ -165,12 +165,12 @@ def test_an_activation_is_quantized_once_while_it_lives_unchanged(monkeypatch):
     quantize = fp8_rows.quantize_rows
     monkeypatch.setattr(fp8_rows, "quantize_rows", lambda x: calls.append(x.shape) or quantize(x))
     x = torch.randn(4, 3, 64)
-    first = fp8.quantize_activation(x)
-    assert fp8.quantize_activation(x)[0] is first[0] and len(calls) == 1
+    first = fp8_rows.quantize_activation(x)
+    assert fp8_rows.quantize_activation(x)[0] is first[0] and len(calls) == 1
     x.mul_(2)  # changed in place: its version moves on
-    again = fp8.quantize_activation(x)
+    again = fp8_rows.quantize_activation(x)
     assert len(calls) == 2 and torch.allclose(again[1], 2 * first[1])
-    fp8.quantize_activation(x.clone())  # equal values, another tensor
+    fp8_rows.quantize_activation(x.clone())  # equal values, another tensor
     assert len(calls) == 3
 
 
@@ -194,8 +194,8 @@ def test_fp8_model_quantizes_each_layer_input_once(tmp_path, monkeypatch):
 def test_swiglu_quantized_kernel_equals_reference(width):
     torch.manual_seed(width)
     gate, up = (torch.randn(300, width, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(2))
-    product, q, scale = fp8.swiglu_quantized(gate, up)
-    product_ref, q_ref, scale_ref = fp8.swiglu_quantized_reference(gate, up)
+    product, q, scale = fp8_rows.swiglu_quantized(gate, up)
+    product_ref, q_ref, scale_ref = fp8_rows.swiglu_quantized_reference(gate, up)
     torch.testing.assert_close(product, product_ref)
     torch.testing.assert_close(scale, scale_ref)
     assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
@@ -203,8 +203,8 @@ def test_swiglu_quantized_kernel_equals_reference(width):
 
 def test_swiglu_remembered_has_swiglus_gradient_and_remembers_its_rows():
     gate, up = (torch.randn(2, 5, 64, requires_grad=True) for _ in range(2))
-    product = fp8.swiglu_remembered(gate, up)
-    assert fp8.quantize_activation(product)[0].shape == (10, 64)  # the remembered rows, not quantized again
+    product = fp8_rows.swiglu_remembered(gate, up)
+    assert fp8_rows.quantize_activation(product)[0].shape == (10, 64)  # the remembered rows, not quantized again
     product.pow(2).sum().backward()
     gate2, up2 = (t.detach().clone().requires_grad_(True) for t in (gate, up))
     (torch.nn.functional.silu(gate2) * up2).pow(2).sum().backward()
@@ -235,8 +235,8 @@ def test_intermediate_rows_are_never_quantized_on_their_own(tmp_path, monkeypatc
 def test_swiglu_backward_quantized_kernel_equals_reference(width):
     torch.manual_seed(width)
     gate, up, grad = (torch.randn(300, width, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(3))
-    fast = fp8.swiglu_backward_quantized(gate, up, grad)
-    reference = fp8.swiglu_backward_quantized_reference(gate, up, grad)
+    fast = fp8_rows.swiglu_backward_quantized(gate, up, grad)
+    reference = fp8_rows.swiglu_backward_quantized_reference(gate, up, grad)
     for made, expected in zip(fast[:2], reference[:2]):
         torch.testing.assert_close(made, expected)
     for (q, scale), (q_ref, scale_ref) in zip(fast[2:], reference[2:]):

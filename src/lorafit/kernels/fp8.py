@@ -9,7 +9,7 @@ masters). Scales are per row of each operand (cuBLAS' "rowwise" scaling), the fi
     backward  g W        :  g per token,       W per input channel    (W as [in, out], out-major: its transpose)
 
 FP8 GEMMs need both operands contiguous along the summed dimension, so backward dequantizes NF4 straight into the
-transposed layout (one Triton kernel, either layout). A weight's channel scales are its max |w| per row and per
+transposed layout (a Triton kernel for each layout). A weight's channel scales are its max |w| per row and per
 column, computed once (the base is frozen). An activation's scale is its row's max |x| over 448, e4m3's largest
 value, so nothing saturates.
 
@@ -22,22 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafit.kernels.fp8_rows import (  # noqa: F401  (the row kernels are part of this module's API)
-    E4M3,
-    E4M3_MAX,
-    _fast,
-    _kernels,
-    quantize_activation,
-    quantize_gradient,
-    quantize_rows,
-    quantize_rows_reference,
-    swiglu_backward_quantized,
-    swiglu_backward_quantized_reference,
-    swiglu_backward_remembered,
-    swiglu_quantized,
-    swiglu_quantized_reference,
-    swiglu_remembered,
-)
+from lorafit.kernels.fp8_rows import E4M3, E4M3_MAX, _fast, quantize_activation, quantize_gradient
 from lorafit.kernels.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE, dequantize_nf4_reference
 
 
@@ -99,6 +84,9 @@ def _build_weight_kernels():
         tl.store(out_ptr + k[None, :].to(tl.int64) * N + n[:, None], out, mask=inside)
 
     return nf4_to_fp8_rows_kernel, nf4_to_fp8_transposed_kernel
+
+
+_kernels: dict = {}
 
 
 def nf4_to_fp8_triton(tensors, shape: tuple[int, int], inverse_scale: torch.Tensor,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafit.kernels import fp8, fused
+from lorafit.kernels import fp8_rows, fused
 from lorafit.kernels.lora import cast_cached, frozen_input_grad, frozen_matmul
 
 
@@ -31,7 +31,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         shape, dtype = gate.shape, gate.dtype
         g2, u2 = gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])
         # an FP8 base: the product's e4m3 rows made in the same pass (kernels/fp8.py)
-        product = fp8.swiglu_remembered(g2, u2) if getattr(base, "fp8", False) else fused.swiglu(g2, u2)
+        product = fp8_rows.swiglu_remembered(g2, u2) if getattr(base, "fp8", False) else fused.swiglu(g2, u2)
         y = frozen_matmul(product, base)
         a, b = cast_cached(lora_a, dtype), cast_cached(lora_b, dtype)
         pa = product @ a.t()
@@ -58,7 +58,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
             grad_product.addmm_(gb, a, alpha=s)
             if getattr(ctx.base, "fp8", False):  # gate_proj's and up_proj's e4m3 gradient rows in the same pass
                 shape = ctx.shape
-                grad_gate, grad_up = fp8.swiglu_backward_remembered(g2.view(shape), u2.view(shape),
+                grad_gate, grad_up = fp8_rows.swiglu_backward_remembered(g2.view(shape), u2.view(shape),
                                                                     grad_product.view(shape))
             else:
                 grad_gate, grad_up = fused.swiglu_backward(g2, u2, grad_product)

@@ -23,7 +23,7 @@ from torch import nn
 
 from lorafit.config import LoraConfig
 from lorafit.errors import ModelError
-from lorafit.kernels import fp8, fused
+from lorafit.kernels import fp8_rows, fused
 from lorafit.kernels.lora import lora_linear
 from lorafit.kernels.nf4 import FORCE_REFERENCE
 from lorafit.kernels.swiglu_lora import swiglu_lora
@@ -58,7 +58,7 @@ class LoRALinear(nn.Module):
         unless `keep_product` (model.llama.MLP says when that pays) or dropout (it needs the product and its mask)."""
         if FORCE_REFERENCE or keep_product or not isinstance(self.lora_dropout, nn.Identity):
             fp8_base = getattr(self.base_layer, "fp8", False)  # then its e4m3 rows come in the same pass
-            return self(fp8.swiglu_remembered(gate, up) if fp8_base else fused.swiglu(gate, up))
+            return self(fp8_rows.swiglu_remembered(gate, up) if fp8_base else fused.swiglu(gate, up))
         return swiglu_lora(gate, up, self)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
