@@ -155,7 +155,8 @@ def run_from_config(cfg) -> tuple[Shape, Run, int]:
               cfg.lora.r, tuple(cfg.lora.target_modules), cfg.data.packing, optimizer, kept_layers=cfg.kept_layers,
               offloaded_layers=cfg.offload_activations,
               eval=bool(cfg.data.val or cfg.data.val_ratio > 0),  # train() then evaluates the loss before and after
-              embeddings_on_cpu=wants_cpu_embeddings(cfg.model.embeddings_on_cpu, shape.tied, cfg.method))
+              embeddings_on_cpu=wants_cpu_embeddings(cfg.model.embeddings_on_cpu, shape.tied, cfg.method),
+              fp8_base=cfg.model.fp8_base)
     return shape, run, cfg.micro_batch_size * cfg.grad_accum
 
 

@@ -70,6 +70,7 @@ class Run:
     # long rows (config offload_checkpoints, mlp_chunk_tokens): modelled by the trace only (plan/fit.long_rows)
     offload_checkpoints: bool = False
     mlp_chunk: int = 0
+    fp8_base: bool = False  # QLoRA with the base's matmuls in FP8 (model.fp8_base): e4m3 rows beside bf16 tensors
 
     @property
     def tokens(self) -> int:
@@ -370,6 +371,11 @@ def estimate(shape: Shape, run: Run, card: Card | None = None) -> Estimate:
     # product made again (a kept or offloaded layer): the product's gradient, then SwiGLU's two gradients
     mlp_backward_free = (Line("activations", what, max(3 * mlp, mlp + wq), why) if product_free_mlp(run)
                          else mlp_backward)
+    if run.fp8_base and run.method == "qlora":  # SwiGLU's backward also makes e4m3 rows of both gradients
+        # (kernels/fp8_rows.py: 2 x [tokens, I] x 1 byte, one more `mlp`); measured at Qwen2.5-7B 8 x 2048, 1 kept
+        # layer: +0.78 GiB peak allocated against the bf16 base (BENCHMARKS.md, session 6)
+        mlp_backward, mlp_backward_free = (Line("activations", line.what + " + their e4m3 rows", line.bytes + mlp,
+                                                line.why) for line in (mlp_backward, mlp_backward_free))
     flowing = Line("activations", "gradient flowing back", blk(res * H * M), "")
     recomputed = layer_saved_per_token(shape, run, act, recomputed=True)
     layer_lines = [Line("activations", "recomputed last layer (saved for backward)",
