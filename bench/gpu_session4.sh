@@ -13,13 +13,8 @@ set -u
 export PYTHONPATH=$PWD/src:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python -m pip install -q --no-index --no-deps .wheels/core/*.whl 2>&1 | tail -1
-ENVS=""
-run() {  # one bench_train.py run: its RESULT line (and any error) to session4.txt, the whole log to session4_log.txt
-  echo "# $*" >> "$OUT/session4_log.txt"
-  timeout "${LIMIT:-150}" env $ENVS python bench/bench_train.py "$@" --log > "$OUT/one.txt" 2>&1
-  grep -E "^RESULT|Error|error" "$OUT/one.txt" | tail -3 | tee -a "$OUT/session4.txt"
-  cat "$OUT/one.txt" >> "$OUT/session4_log.txt"
-}
+REPORT=session4 ENVS=""
+source bench/gpu_run.sh
 for section in "$@"; do
   echo "## $section" | tee -a "$OUT/session4.txt"
   case $section in
