@@ -242,3 +242,22 @@ def test_swiglu_backward_quantized_kernel_equals_reference(width):
     for (q, scale), (q_ref, scale_ref) in zip(fast[2:], reference[2:]):
         torch.testing.assert_close(scale, scale_ref)
         assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
+
+
+def test_an_fp8_run_is_evaluated_with_the_base_in_bf16(tmp_path):
+    """Scores describe the model as it is served: the base model's score before training is the bf16 base's,
+    bit for bit, although the run trains in FP8."""
+    from lorafit.train.loop import train
+    from lorafit.train.progress import Progress
+    from tests.tiny import make_tiny_checkpoint
+
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+    data = write_chat_data(tmp_path / "train.jsonl", 20)
+    before = []
+    for fp8_base in (False, True):
+        cfg = tiny_config(tmp_path / str(fp8_base), folder, data, max_steps=1, method="qlora",
+                          model={"path": str(folder), "fp8_base": fp8_base},
+                          data={"train": str(data), "max_length": 64, "val_ratio": 0.25},
+                          eval={"before_training": True})
+        before.append(train(cfg, Progress(quiet=True)).before)
+    assert before[0] and before[0] == before[1]

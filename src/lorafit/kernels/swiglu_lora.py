@@ -30,7 +30,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
     def forward(ctx, gate, up, lora_a, lora_b, base, scaling):
         shape, dtype = gate.shape, gate.dtype
         g2, u2 = gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])
-        # an FP8 base: the product's e4m3 rows made in the same pass (kernels/fp8.py)
+        # an FP8 base: the product's e4m3 rows made in the same pass (kernels/fp8_rows.py)
         product = fp8_rows.swiglu_remembered(g2, u2) if getattr(base, "fp8", False) else fused.swiglu(g2, u2)
         y = frozen_matmul(product, base)
         a, b = cast_cached(lora_a, dtype), cast_cached(lora_b, dtype)

@@ -139,6 +139,19 @@ def use_fp8_base(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
+def fp8_base_off(model: nn.Module):
+    """The marked NF4 linears compute in bf16 again inside the block (evaluation scores the model as it is served)."""
+    marked = [m for m in model.modules() if isinstance(m, NF4Linear) and m.fp8]
+    for module in marked:
+        module.fp8 = False
+    try:
+        yield
+    finally:
+        for module in marked:
+            module.fp8 = True
+
+
+@contextlib.contextmanager
 def dense_weights_on_cpu(model: nn.Module):
     """While decoding on the CPU, keep every NF4 weight dequantized: one decode step per token would otherwise
     dequantize the whole model each time (bundled 135M model, 8 prompts x 48 tokens on 2 cores: 13.5 s -> 3.4 s, the

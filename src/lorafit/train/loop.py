@@ -23,7 +23,7 @@ from lorafit.kernels.fp8 import fp8_supported
 from lorafit.model.llama import wants_cpu_embeddings
 from lorafit.model.load import load_model, model_identity
 from lorafit.model.lora import apply_lora, save_adapter
-from lorafit.model.quantize import use_fp8_base
+from lorafit.model.quantize import fp8_base_off, use_fp8_base
 from lorafit.train import distributed
 from lorafit.train.checkpoint import (
     find_resume_checkpoint,
@@ -110,6 +110,10 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
+    if cfg.model.fp8_base and not fp8_supported(device):  # before minutes of loading
+        raise LorafitError(f"model.fp8_base: {device} cannot run row-wise scaled FP8 GEMMs (they need compute "
+                           "capability 9.0 or newer: H100, H200); set model.fp8_base false")
+
     # 1. model and data
     progress.say(f"loading {cfg.model.path} ({cfg.method}) on {device}")
     stream_resident = (cfg.model.resident_layers or 0) if cfg.model.stream_layers == "on" else None
@@ -120,9 +124,6 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                         stream_resident=stream_resident)
     model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.model.fp8_base:
-        if not fp8_supported(device):
-            raise LorafitError(f"model.fp8_base: {device} cannot run row-wise scaled FP8 GEMMs (they need compute "
-                               "capability 9.0 or newer: H100, H200); set model.fp8_base false")
         progress.say(f"frozen base in FP8: {use_fp8_base(model)} NF4 linears compute in e4m3"
                      + (" (CPU: the plain-PyTorch twin, slow)" if device.type == "cpu" else ""))
     if loaded.streamer is not None:  # model/stream.py
@@ -200,9 +201,11 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     def evaluate(tag: str, generation: bool) -> dict:
         if graphed is not None:
             graphed.release()  # its memory pool; the next micro-batch records again
-        # every rank evaluates (FSDP needs all in each forward); rank 0 writes, and its scores decide for all
-        scores = evaluate_run(model, tokenizer, val_examples, eval_conversations if generation else [], cfg, tag,
-                              out if d.main else None, autocast)
+        # every rank evaluates (FSDP needs all in each forward); rank 0 writes, and its scores decide for all.
+        # An FP8 base trains in FP8 but is scored as it will be served: in bf16.
+        with fp8_base_off(model):
+            scores = evaluate_run(model, tokenizer, val_examples, eval_conversations if generation else [], cfg, tag,
+                                  out if d.main else None, autocast)
         return distributed.broadcast(scores)
 
     # 4. the base model before any step (LoRA's B starts at zero, so this is the base exactly)
