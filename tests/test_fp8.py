@@ -64,8 +64,8 @@ def test_fp8_lora_linear_is_close_to_full_precision_and_trains_the_same_adapter(
         y.pow(2).sum().backward()  # dL/dy depends on y: every gradient sees the base
         results.append((y.detach(), xi.grad, a.grad.clone(), b.grad.clone()))
         a.grad = b.grad = None
-    for full, quarter in zip(*results):
-        assert 1e-4 < relative_error(quarter, full) < 0.06  # changed, and by e4m3's rounding only
+    for full, in_fp8 in zip(*results):
+        assert 1e-4 < relative_error(in_fp8, full) < 0.06  # changed, and by e4m3's rounding only
 
 
 def test_fp8_model_loss_and_adapter_gradients_stay_close(tmp_path):
