@@ -13,7 +13,6 @@ from tests.test_graphs import random_batch, tiny_lora_model
 from tests.test_kernels import nf4_linear
 from tests.test_train import tiny_config, write_chat_data
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                              reason="needs a GPU with row-wise scaled FP8 GEMMs (Hopper)")
 E4M3_STEP = 2 ** -3  # relative spacing of e4m3 values: rounding to nearest is off by at most half of it
