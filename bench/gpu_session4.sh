@@ -10,10 +10,7 @@
 #   long     65,536 and 98,304 tokens at batch 1 in 16 GB
 # RESULT lines go to $OUT/session4.txt, whole logs to $OUT/session4_log.txt.
 set -u
-export PYTHONPATH=$PWD/src:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python -m pip install -q --no-index --no-deps .wheels/core/*.whl 2>&1 | tail -1
-REPORT=session4 ENVS=""
+REPORT=session4
 source bench/gpu_run.sh
 for section in "$@"; do
   echo "## $section" | tee -a "$OUT/session4.txt"

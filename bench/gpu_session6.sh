@@ -7,10 +7,7 @@
 #   small    Qwen2.5-7B 2 x 2048, both ways
 # RESULT lines go to $OUT/session6.txt, whole logs to $OUT/session6_log.txt.
 set -u
-export PYTHONPATH=$PWD/src:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python -m pip install -q --no-index --no-deps .wheels/core/*.whl 2>&1 | tail -1
-REPORT=session6 ENVS=""
+REPORT=session6
 source bench/gpu_run.sh
 for section in "$@"; do
   echo "## $section" | tee -a "$OUT/session6.txt"
