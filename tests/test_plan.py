@@ -312,6 +312,10 @@ def test_plan_command_prints_the_table_and_returns_it():
     assert "allocated at the peak" in text and "fits" in text and "transformers + PEFT" in text
     assert out["fits"] and out["allocated"] < out["reserved"] < out["recipe"]["reserved"]
     assert out["fastest"]["micro_batch_size"] * out["fastest"]["grad_accum"] == 2
+    assert not out["fp8_base_available"] and "fp8_base" not in text  # an RTX 4090 (sm89): not enabled
+    hopper = Console(record=True, width=200)
+    assert plan_command("qwen2.5-7b", "qlora", seq=2048, batch=8, gpu="h100", console=hopper)["fp8_base_available"]
+    assert "--model.fp8_base true" in hopper.export_text()
     fits = plan_command(gpu="24GB", fits=True, console=console)
     rows = {(r["model"], r["method"]): r for r in fits["rows"]}
     assert rows["qwen2.5-7b", "qlora"]["fits"] and not rows["qwen2.5-72b", "qlora"]["fits"]
