@@ -140,9 +140,11 @@ def fp8_linear_input_grad(grad: torch.Tensor, base) -> torch.Tensor:
     return _scaled_matmul(g_q, g_scale, wt_q, wt_scale, grad.dtype).view(*grad.shape[:-1], -1)
 
 
+FP8_MIN_CAPABILITY = (9, 0)  # row-wise scaled FP8 GEMMs: Hopper and newer; Ada's FP8 is not enabled (untested here)
+
+
 def fp8_supported(device: torch.device) -> bool:
-    """Row-wise scaled FP8 GEMMs: Hopper (compute capability 9.0) and newer; Ada's FP8 is not enabled (untested
-    here). The CPU runs the twins (for tests)."""
+    """Whether `device` runs the FP8 base: a GPU of FP8_MIN_CAPABILITY, or the CPU (the twins, for tests)."""
     if device.type != "cuda":
         return device.type == "cpu"
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY

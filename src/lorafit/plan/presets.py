@@ -93,9 +93,15 @@ class Card:
         return self.total_bytes - self.context_bytes
 
     @property
+    def capability(self) -> tuple[int, int]:
+        """The compute capability `arch` names: sm89 -> (8, 9), sm120 -> (12, 0)."""
+        digits = self.arch.removeprefix("sm")
+        return int(digits[:-1]), int(digits[-1])
+
+    @property
     def cublas_workspace(self) -> int:
         """cuBLAS workspace per handle, allocated through the caching allocator (PyTorch's CublasHandlePool.cpp)."""
-        return 32 * 2**20 if self.arch in ("sm90", "sm100", "sm120") else 4096 * 1024 * 2 + 16 * 1024 * 8
+        return 32 * 2**20 if self.capability >= (9, 0) else 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
 @cache

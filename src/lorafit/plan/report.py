@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from lorafit.kernels.fp8 import FP8_MIN_CAPABILITY
 from lorafit.model.llama import wants_cpu_embeddings
 from lorafit.plan.fit import Plan, fastest, fits_table, long_rows, longest_seq, make_plan
 from lorafit.plan.memory import Run
@@ -143,15 +144,12 @@ def plan_command(model: str = "qwen2.5-7b", method: str = "qlora", seq: int = 20
     out["fastest"] = {"micro_batch_size": c.batch, "grad_accum": choice.grad_accum,
                       "gradient_checkpointing": c.checkpointing, "kept_layers": c.kept_layers,
                       "max_length": max_length}
-    out["fp8_base_available"] = method == "qlora" and card.arch in FP8_ARCHS
+    out["fp8_base_available"] = method == "qlora" and card.capability >= FP8_MIN_CAPABILITY
     if out["fp8_base_available"]:
         console.print("faster on this card, opt-in: --model.fp8_base true runs the frozen base's matmuls in FP8 "
                       "(H100, Qwen2.5-7B 8 x 2048 in 16 GB: about +20% tok/s; a slightly noisier base, see "
                       "BENCHMARKS.md)")
     return out
-
-
-FP8_ARCHS = ("sm90", "sm100", "sm120")  # row-wise scaled FP8 GEMMs (kernels/fp8.fp8_supported: capability >= 9.0)
 
 
 def print_streaming(choice, timing, card, console) -> dict:
