@@ -181,9 +181,13 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
         (cfg.epochs * stream.rows_per_epoch() - start_row) / rows_per_step))
     host_table = model.model.embed_tokens.weight if cpu_embeddings else None
 
+    def first_row(step: int) -> int:
+        """The global row a step starts at."""
+        return start_row + (step - start_step) * rows_per_step
+
     def step_inputs(step: int, micro_batch_size: int) -> list[MicroInputs]:
         """This process's micro-batches of a step (its share of the rows: every d.world-th), ready on the host."""
-        rows = d.local_rows(start_row + (step - start_step) * rows_per_step, rows_per_step)
+        rows = d.local_rows(first_row(step), rows_per_step)
         return [host_inputs(stream.batch_of(rows[j:j + micro_batch_size])[0], host_table, device.type == "cuda")
                 for j in range(0, len(rows), micro_batch_size)]
 
@@ -227,7 +231,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     try:
         while step < total_steps:
             t0 = time.perf_counter()
-            row = start_row + (step - start_step) * rows_per_step
+            row = first_row(step)
             micro = lookahead.take(step, micro_batch_size)
             # the targets of the whole global batch, so N processes train exactly like one
             num_targets = max(1, int(d.sum([sum(m.batch.num_targets for m in micro)])[0]))
