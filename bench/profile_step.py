@@ -65,7 +65,8 @@ def kernel_family(name: str) -> str:
     n = name.lower()
     for key, family in (("gemm", "gemm"), ("cutlass", "gemm"), ("sm90", "gemm"), ("nvjet", "gemm"),
                         ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
-                        ("dequant", "nf4 dequantize"), ("triton_", "triton fused"),
+                        ("dequant", "nf4 dequantize"), ("nf4_to_fp8", "nf4 dequantize"),
+                        ("quantize", "fp8 rows"), ("triton_", "triton fused"),
                         ("reduce", "reduction"), ("softmax", "softmax/loss"), ("nll", "softmax/loss"),
                         ("cross_entropy", "softmax/loss"), ("copy", "copy/cast"), ("cat", "copy/cast"),
                         ("elementwise", "elementwise"), ("vectorized", "elementwise"), ("optimizer", "optimizer"),
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--kept-layers", type=int, default=0, help="with checkpointing: the last N layers keep "
                         "their activations (config kept_layers)")
+    parser.add_argument("--fp8", action="store_true", help="the frozen base's matmuls in e4m3 (model.fp8_base)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
@@ -94,6 +96,10 @@ def main() -> None:
 
     model = load_model(str(make_checkpoint(args.model)), torch.device("cuda"), torch.bfloat16, quantize=True).model
     apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0))
+    if args.fp8:
+        from lorafit.model.quantize import use_fp8_base
+
+        use_fp8_base(model)
     model.gradient_checkpointing = not args.no_checkpointing
     model.kept_layers = args.kept_layers
     model.train()
@@ -144,7 +150,8 @@ def main() -> None:
         print(f"  {us / 1e3:8.2f} ms  x{count:<5d} {key}")
     cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     print("  CPU self time: " + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / 1e3:.0f} ms x{e.count}" for e in cpu))
-    print("PROFILE", json.dumps(dict(model=args.model, seq=args.seq, bs=args.batch, step_ms=round(step_s * 1e3),
+    print("PROFILE", json.dumps(dict(model=args.model, seq=args.seq, bs=args.batch, fp8=args.fp8,
+                                     step_ms=round(step_s * 1e3),
                                      tok_s=round(tokens / step_s), gpu_ms=round(gpu_s * 1e3),
                                      floor_ms=round(floor * 1e3), matmul_tflops=round(rate / 1e12),
                                      families={k: round(v / 1e3, 1) for k, v in families.items()})), flush=True)
