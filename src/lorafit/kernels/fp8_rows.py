@@ -219,6 +219,7 @@ class _SwiGLUQuantized(torch.autograd.Function):
         product, q, scale = swiglu_quantized(gate, up)
         ctx.save_for_backward(gate, up)
         ctx.mark_non_differentiable(q, scale)
+        ctx.set_materialize_grads(False)  # else backward gets a zero-filled [tokens, K] e4m3 "gradient" of q
         return product, q, scale
 
     @staticmethod
