@@ -7,6 +7,7 @@ import torch
 from lorafit.config import ConfigError
 from lorafit.kernels import fp8, fp8_rows
 from lorafit.kernels.lora import lora_linear
+from lorafit.model import lora as lora_module
 from lorafit.model.quantize import use_fp8_base
 from lorafit.train.loss import target_loss_sum
 from tests.test_graphs import random_batch, tiny_lora_model
@@ -193,11 +194,13 @@ def test_fp8_model_quantizes_each_layer_input_once(tmp_path, monkeypatch):
 def test_swiglu_quantized_kernel_equals_reference(width):
     torch.manual_seed(width)
     gate, up = (torch.randn(300, width, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(2))
-    product, q, scale = fp8_rows.swiglu_quantized(gate, up)
-    product_ref, q_ref, scale_ref = fp8_rows.swiglu_quantized_reference(gate, up)
-    torch.testing.assert_close(product, product_ref)
-    torch.testing.assert_close(scale, scale_ref)
-    assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
+    stacked = torch.cat([gate, up], dim=1)  # the halves of a stacked gate/up output: rows 2 x width apart
+    for inputs in ((gate, up), (stacked[:, :width], stacked[:, width:])):
+        product, q, scale = fp8_rows.swiglu_quantized(*inputs)
+        product_ref, q_ref, scale_ref = fp8_rows.swiglu_quantized_reference(*inputs)
+        torch.testing.assert_close(product, product_ref)
+        torch.testing.assert_close(scale, scale_ref)
+        assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
 
 
 def test_swiglu_remembered_has_swiglus_gradient_and_remembers_its_rows():
@@ -212,11 +215,15 @@ def test_swiglu_remembered_has_swiglus_gradient_and_remembers_its_rows():
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_intermediate_rows_are_never_quantized_on_their_own(tmp_path, monkeypatch, checkpointing):
+@pytest.mark.parametrize("stacked", [True, False])
+def test_intermediate_rows_are_never_quantized_on_their_own(tmp_path, monkeypatch, checkpointing, stacked):
     """[tokens, intermediate] tensors get their e4m3 rows where they are made: the SwiGLU product in its forward,
-    gate's and up's output gradients in SwiGLU's backward. Only hidden-wide tensors (and k/v-wide gradients) are
-    quantized on their own; with the remembered rows lost, the intermediate ones would be too (the test would fail)."""
-    model = tiny_lora_model(tmp_path)
+    gate's and up's output gradients in SwiGLU's backward (as one [tokens, 2 x intermediate] tensor for the stacked
+    gate/up). Only hidden-wide tensors and q/k/v's gradients are quantized on their own; with the remembered rows
+    lost, the intermediate ones would be too (the test would fail)."""
+    monkeypatch.setattr(lora_module, "STACK_SIBLINGS", stacked)
+    # hidden 64; q 32 (so o_proj's input is 32 wide), k/v 16, q+k+v 64; intermediate 128 (stacked gate/up 256)
+    model = tiny_lora_model(tmp_path, family="mistral")
     model.gradient_checkpointing = checkpointing
     use_fp8_base(model)
     widths = []
@@ -224,7 +231,7 @@ def test_intermediate_rows_are_never_quantized_on_their_own(tmp_path, monkeypatc
     monkeypatch.setattr(fp8_rows, "quantize_rows", lambda x: widths.append(x.shape[-1]) or quantize(x))
     batch = random_batch(0)
     target_loss_sum(model, model(batch.input_ids, batch.position_ids, None), batch.labels)[0].backward()
-    assert 128 not in widths and set(widths) == {64, 32}  # hidden 64, k/v 32, intermediate 128
+    assert set(widths) == ({64, 32} if stacked else {64, 32, 16})
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
@@ -234,13 +241,17 @@ def test_intermediate_rows_are_never_quantized_on_their_own(tmp_path, monkeypatc
 def test_swiglu_backward_quantized_kernel_equals_reference(width):
     torch.manual_seed(width)
     gate, up, grad = (torch.randn(300, width, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(3))
-    fast = fp8_rows.swiglu_backward_quantized(gate, up, grad)
-    reference = fp8_rows.swiglu_backward_quantized_reference(gate, up, grad)
-    for made, expected in zip(fast[:2], reference[:2]):
-        torch.testing.assert_close(made, expected)
-    for (q, scale), (q_ref, scale_ref) in zip(fast[2:], reference[2:]):
-        torch.testing.assert_close(scale, scale_ref)
-        assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
+    stacked = torch.randn(300, 2 * width, device="cuda", dtype=torch.bfloat16) * 3  # a stacked gate/up output
+    for stack in (False, True):
+        inputs = (stacked[:, :width], stacked[:, width:], grad) if stack else (gate, up, grad)
+        fast = fp8_rows.swiglu_backward_quantized(*inputs, stacked=stack)
+        reference = fp8_rows.swiglu_backward_quantized_reference(*inputs, stacked=stack)
+        for made, expected in zip(fast[:2], reference[:2]):
+            torch.testing.assert_close(made, expected)
+        assert (fast[0]._base is fast[1]._base is not None) == stack
+        for (q, scale), (q_ref, scale_ref) in ([fast[2], reference[2]],) if stack else zip(fast[2], reference[2]):
+            torch.testing.assert_close(scale, scale_ref)
+            assert float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()) < 1e-3
 
 
 def test_an_fp8_run_is_evaluated_with_the_base_in_bf16(tmp_path):

@@ -71,7 +71,7 @@ def _build_weight_kernels():
 
     @triton.jit
     def nf4_to_fp8_transposed_kernel(packed_ptr, absmax_q_ptr, absmax_map_ptr, absmax_scale_ptr, offset_ptr,
-                                     code_ptr, inv_scale_ptr, out_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr,
+                                     code_ptr, inv_scale_ptr, out_ptr, N, K, LD, BN: tl.constexpr, BK: tl.constexpr,
                                      BLOCKSIZE: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr):
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         k = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -81,7 +81,7 @@ def _build_weight_kernels():
                            inside, BLOCKSIZE, ABSMAX_BLOCKSIZE)
         inv = tl.load(inv_scale_ptr + k, mask=k < K, other=0.0)
         out = (value * inv[None, :]).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + k[None, :].to(tl.int64) * N + n[:, None], out, mask=inside)
+        tl.store(out_ptr + k[None, :].to(tl.int64) * LD + n[:, None], out, mask=inside)
 
     return nf4_to_fp8_rows_kernel, nf4_to_fp8_transposed_kernel
 
@@ -89,32 +89,51 @@ def _build_weight_kernels():
 _kernels: dict = {}
 
 
-def nf4_to_fp8_triton(tensors, shape: tuple[int, int], inverse_scale: torch.Tensor,
-                      transpose: bool) -> torch.Tensor:
+def nf4_to_fp8_triton(tensors, shape: tuple[int, int], inverse_scale: torch.Tensor, transpose: bool,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """`out`: where to write (rows of a stacked weight, or in the transposed layout its columns: a view whose rows
+    may be longer than `shape[0]`)."""
     if "weights" not in _kernels:
         _kernels["weights"] = _build_weight_kernels()
     rows_kernel, transposed_kernel = _kernels["weights"]
     n, k = shape
-    out = torch.empty((k, n) if transpose else (n, k), dtype=E4M3, device=tensors[0].device)
+    if out is None:
+        out = torch.empty((k, n) if transpose else (n, k), dtype=E4M3, device=tensors[0].device)
     constants = dict(BLOCKSIZE=BLOCKSIZE, ABSMAX_BLOCKSIZE=ABSMAX_BLOCKSIZE)
     if transpose:
-        transposed_kernel[(-(-n // 64), -(-k // 64))](*tensors, inverse_scale, out, n, k, BN=64, BK=64, **constants)
+        transposed_kernel[(-(-n // 64), -(-k // 64))](*tensors, inverse_scale, out, n, k, out.stride(0), BN=64, BK=64,
+                                                      **constants)
     else:
         rows_kernel[(-(-n * k // 2048),)](*tensors, inverse_scale, out, n * k, k, BLOCK=2048, **constants)
     return out
 
 
-def _weight_fp8(base, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen weight in e4m3 ([out, in], or [in, out] with `transpose`) and its fp32 channel scales."""
+def weight_scales(base) -> tuple[torch.Tensor, ...]:
+    """A frozen NF4 weight's fp32 scales per output channel and per input channel, and their inverses: computed
+    once per module (the base never changes)."""
     scales = base.__dict__.get("_fp8_scales")
-    if scales is None:  # once per module (the base never changes): per output channel, per input channel, inverses
+    if scales is None:
         rows, cols = channel_scales(base.dequantize(torch.float32))
         scales = base.__dict__["_fp8_scales"] = (rows, cols, 1.0 / rows, 1.0 / cols)
-    scale, inverse = (scales[1], scales[3]) if transpose else (scales[0], scales[2])
+    return scales
+
+
+def nf4_weight_to_fp8(base, inverse_scale: torch.Tensor, transpose: bool,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """The NF4 weight of `base` in e4m3, times `inverse_scale` per channel (see nf4_to_fp8_triton for `out`)."""
     tensors = base.nf4_tensors()
     shape = (base.out_features, base.in_features)
-    return (nf4_to_fp8_triton if _fast(tensors[0]) else nf4_to_fp8_reference)(tensors, shape, inverse,
-                                                                              transpose), scale
+    if _fast(tensors[0]):
+        return nf4_to_fp8_triton(tensors, shape, inverse_scale, transpose, out)
+    q = nf4_to_fp8_reference(tensors, shape, inverse_scale, transpose)
+    return q if out is None else out.copy_(q)
+
+
+def _weight_fp8(base, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen weight in e4m3 ([out, in], or [in, out] with `transpose`) and its fp32 channel scales."""
+    scales = weight_scales(base)
+    scale, inverse = (scales[1], scales[3]) if transpose else (scales[0], scales[2])
+    return nf4_weight_to_fp8(base, inverse, transpose), scale
 
 
 def _scaled_matmul(a_q, a_scale, b_q_t, b_scale, out_dtype):

@@ -44,10 +44,16 @@ def swiglu_quantized_reference(gate: torch.Tensor, up: torch.Tensor):
     return (product, *quantize_rows_reference(_rows(product)))
 
 
-def swiglu_backward_quantized_reference(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
-    """SwiGLU's input gradients (kernels/fused.py) and each one's rows quantized."""
+def swiglu_backward_quantized_reference(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor,
+                                        stacked: bool = False):
+    """SwiGLU's input gradients (kernels/fused.py) and each one's rows quantized; `stacked`: the two gradients side
+    by side as one tensor [..., 2K] (returned as its halves), and that tensor's rows quantized (one scale per row)."""
+    if stacked:
+        both = fused.swiglu_backward_stacked_reference(gate, up, grad)
+        width = gate.shape[-1]
+        return both[..., :width], both[..., width:], quantize_rows_reference(_rows(both))
     grad_gate, grad_up = fused.swiglu_backward_reference(gate, up, grad)
-    return grad_gate, grad_up, quantize_rows_reference(_rows(grad_gate)), quantize_rows_reference(_rows(grad_up))
+    return grad_gate, grad_up, (quantize_rows_reference(_rows(grad_gate)), quantize_rows_reference(_rows(grad_up)))
 
 
 _kernels: dict = {}
@@ -72,14 +78,16 @@ def _build_row_kernels():
             tl.store(q_ptr + row + cols, (x / scale).to(q_ptr.dtype.element_ty), mask=cols < K)
 
     @triton.jit
-    def swiglu_quantized_kernel(gate_ptr, up_ptr, product_ptr, q_ptr, scale_ptr, K, BLOCK: tl.constexpr,
-                                MAX: tl.constexpr):
+    def swiglu_quantized_kernel(gate_ptr, up_ptr, product_ptr, q_ptr, scale_ptr, K, IN_STRIDE,
+                                BLOCK: tl.constexpr, MAX: tl.constexpr):
+        # gate and up rows IN_STRIDE apart (halves of a stacked gate/up output); the product and q are [M, K]
         row = tl.program_id(0).to(tl.int64) * K
+        in_row = tl.program_id(0).to(tl.int64) * IN_STRIDE
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, K, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            g = tl.load(gate_ptr + row + cols, mask=cols < K, other=0.0).to(tl.float32)
-            u = tl.load(up_ptr + row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + in_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + in_row + cols, mask=cols < K, other=0.0).to(tl.float32)
             p = (g * tl.sigmoid(g) * u).to(product_ptr.dtype.element_ty)
             tl.store(product_ptr + row + cols, p, mask=cols < K)
             amax = tl.maximum(amax, tl.abs(p.to(tl.float32)))
@@ -92,35 +100,43 @@ def _build_row_kernels():
 
     @triton.jit
     def swiglu_backward_quantized_kernel(gate_ptr, up_ptr, grad_ptr, grad_gate_ptr, grad_up_ptr, q_gate_ptr,
-                                         q_up_ptr, scale_gate_ptr, scale_up_ptr, K, BLOCK: tl.constexpr,
-                                         MAX: tl.constexpr):
+                                         q_up_ptr, scale_gate_ptr, scale_up_ptr, K, IN_STRIDE, OUT_STRIDE,
+                                         BLOCK: tl.constexpr, MAX: tl.constexpr, STACKED: tl.constexpr):
+        # gate and up rows IN_STRIDE apart, grad [M, K]; both gradients and their e4m3 rows OUT_STRIDE apart.
+        # STACKED: the gradients are the halves of one [M, 2K] row and share its one scale.
+        in_row = tl.program_id(0).to(tl.int64) * IN_STRIDE
         row = tl.program_id(0).to(tl.int64) * K
+        out_row = tl.program_id(0).to(tl.int64) * OUT_STRIDE
         amax_gate = tl.zeros((BLOCK,), dtype=tl.float32)
         amax_up = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, K, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inside = cols < K
-            g = tl.load(gate_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-            u = tl.load(up_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + in_row + cols, mask=inside, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + in_row + cols, mask=inside, other=0.0).to(tl.float32)
             d = tl.load(grad_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
             s = tl.sigmoid(g)
             grad_gate = (d * u * s * (1 + g * (1 - s))).to(grad_gate_ptr.dtype.element_ty)
             grad_up = (d * g * s).to(grad_up_ptr.dtype.element_ty)
-            tl.store(grad_gate_ptr + row + cols, grad_gate, mask=inside)
-            tl.store(grad_up_ptr + row + cols, grad_up, mask=inside)
+            tl.store(grad_gate_ptr + out_row + cols, grad_gate, mask=inside)
+            tl.store(grad_up_ptr + out_row + cols, grad_up, mask=inside)
             amax_gate = tl.maximum(amax_gate, tl.abs(grad_gate.to(tl.float32)))
             amax_up = tl.maximum(amax_up, tl.abs(grad_up.to(tl.float32)))
         scale_gate = tl.maximum(tl.max(amax_gate, 0), 1e-12) / MAX
         scale_up = tl.maximum(tl.max(amax_up, 0), 1e-12) / MAX
+        if STACKED:
+            scale_gate = tl.maximum(scale_gate, scale_up)
+            scale_up = scale_gate
         tl.store(scale_gate_ptr + tl.program_id(0), scale_gate)
         tl.store(scale_up_ptr + tl.program_id(0), scale_up)
         for start in range(0, K, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inside = cols < K
-            grad_gate = tl.load(grad_gate_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-            grad_up = tl.load(grad_up_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-            tl.store(q_gate_ptr + row + cols, (grad_gate / scale_gate).to(q_gate_ptr.dtype.element_ty), mask=inside)
-            tl.store(q_up_ptr + row + cols, (grad_up / scale_up).to(q_up_ptr.dtype.element_ty), mask=inside)
+            grad_gate = tl.load(grad_gate_ptr + out_row + cols, mask=inside, other=0.0).to(tl.float32)
+            grad_up = tl.load(grad_up_ptr + out_row + cols, mask=inside, other=0.0).to(tl.float32)
+            tl.store(q_gate_ptr + out_row + cols, (grad_gate / scale_gate).to(q_gate_ptr.dtype.element_ty),
+                     mask=inside)
+            tl.store(q_up_ptr + out_row + cols, (grad_up / scale_up).to(q_up_ptr.dtype.element_ty), mask=inside)
 
     return quantize_rows_kernel, swiglu_quantized_kernel, swiglu_backward_quantized_kernel
 
@@ -151,27 +167,53 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _row_strided(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate and up as [M, K] views sharing one row stride (halves of a stacked output stay where they are)."""
+    k = gate.shape[-1]
+    try:
+        g2, u2 = gate.view(-1, k), up.view(-1, k)
+    except RuntimeError:
+        g2, u2 = gate.reshape(-1, k), up.reshape(-1, k)
+    if g2.stride(1) != 1 or u2.stride(1) != 1 or g2.stride(0) != u2.stride(0):
+        g2, u2 = g2.contiguous(), u2.contiguous()
+    return g2, u2
+
+
 def swiglu_quantized(gate: torch.Tensor, up: torch.Tensor):
     """(silu(gate) * up, its e4m3 rows, their scales) for gate, up [..., K], in one pass over gate and up."""
     if not _fast(gate):
         return swiglu_quantized_reference(gate, up)
-    gate, up = gate.contiguous(), up.contiguous()
-    product = torch.empty_like(gate)
+    g2, u2 = _row_strided(gate, up)
+    product = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     q, scale = _empty_rows(gate)
-    _row_kernels()[1][(q.shape[0],)](gate, up, product, q, scale, gate.shape[-1], BLOCK=1024, MAX=E4M3_MAX)
+    _row_kernels()[1][(q.shape[0],)](g2, u2, product, q, scale, g2.shape[1], g2.stride(0), BLOCK=1024,
+                                     MAX=E4M3_MAX)
     return product, q, scale
 
 
-def swiglu_backward_quantized(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
-    """(dL/dgate, dL/dup, (e4m3 rows, scales) of each) for gate, up, grad [..., K], in one pass over the three."""
+def swiglu_backward_quantized(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, stacked: bool = False):
+    """(dL/dgate, dL/dup, rows) for gate, up, grad [..., K], in one pass over the three. rows: (e4m3, scales) of
+    each gradient; with `stacked`, the two gradients are the halves of one [..., 2K] tensor and rows are that
+    tensor's (one scale per row: what a stacked gate/up projection's backward GEMM takes)."""
     if not _fast(gate):
-        return swiglu_backward_quantized_reference(gate, up, grad)
-    gate, up, grad = gate.contiguous(), up.contiguous(), grad.contiguous()
-    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-    (q_gate, scale_gate), (q_up, scale_up) = _empty_rows(gate), _empty_rows(up)
-    _row_kernels()[2][(q_gate.shape[0],)](gate, up, grad, grad_gate, grad_up, q_gate, q_up, scale_gate, scale_up,
-                                          gate.shape[-1], BLOCK=1024, MAX=E4M3_MAX)
-    return grad_gate, grad_up, (q_gate, scale_gate), (q_up, scale_up)
+        return swiglu_backward_quantized_reference(gate, up, grad, stacked)
+    g2, u2 = _row_strided(gate, up)
+    grad = grad.reshape(-1, grad.shape[-1]).contiguous()
+    rows, width = g2.shape[0], g2.shape[1]
+    if stacked:
+        both = torch.empty((*gate.shape[:-1], 2 * width), dtype=gate.dtype, device=gate.device)
+        grad_gate, grad_up = both[..., :width], both[..., width:]
+        q, scale = _empty_rows(both)
+        q_gate, q_up, scale_gate, scale_up, out_stride = q[:, :width], q[:, width:], scale, scale, 2 * width
+    else:
+        grad_gate, grad_up = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(2))
+        (q_gate, scale_gate), (q_up, scale_up) = _empty_rows(gate), _empty_rows(up)
+        out_stride = width
+    _row_kernels()[2][(rows,)](g2, u2, grad, grad_gate, grad_up, q_gate, q_up, scale_gate, scale_up, width,
+                               g2.stride(0), out_stride, BLOCK=1024, MAX=E4M3_MAX, STACKED=stacked)
+    if stacked:
+        return grad_gate, grad_up, (q, scale)
+    return grad_gate, grad_up, ((q_gate, scale_gate), (q_up, scale_up))
 
 
 class Remembered:
@@ -237,8 +279,13 @@ def swiglu_remembered(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_backward_remembered(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
     """SwiGLU's input gradients, their e4m3 rows made in the same pass and remembered for gate_proj's and
-    up_proj's backward."""
-    grad_gate, grad_up, rows_gate, rows_up = swiglu_backward_quantized(gate, up, grad)
-    GRADIENTS.add(grad_gate, rows_gate)
-    GRADIENTS.add(grad_up, rows_up)
+    up_proj's backward; for a stacked gate/up projection (gate and up the halves of its output), the gradients are
+    the halves of one tensor, remembered with its rows for that projection's one backward GEMM."""
+    stacked = fused.stacked_base((gate, up)) is not None
+    grad_gate, grad_up, rows = swiglu_backward_quantized(gate, up, grad, stacked)
+    if stacked:
+        GRADIENTS.add(grad_gate._base, rows)
+    else:
+        GRADIENTS.add(grad_gate, rows[0])
+        GRADIENTS.add(grad_up, rows[1])
     return grad_gate, grad_up

@@ -41,6 +41,11 @@ def _count_optimizer_step(*_):
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def optimizer_steps() -> int:
+    """Optimizer steps taken so far (by any optimizer), plus `invalidate_casts` calls: a cached cast's key."""
+    return _optimizer_steps[0]
+
+
 def invalidate_casts() -> None:
     """Forget every cached cast, as an optimizer step does. CUDA graph capture calls it before recording (the casts
     must be in the graph, not read from an eager buffer) and after (a capture runs nothing: its outputs are empty)."""

@@ -66,22 +66,26 @@ def _build_triton_kernel():
 
 
 def dequantize_nf4_triton(packed, absmax_q, absmax_map, absmax_scale, absmax_offset, nf4_code,
-                          shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+                          shape: tuple[int, int], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     global _triton_kernel
     if _triton_kernel is None:
         _triton_kernel = _build_triton_kernel()
     n = shape[0] * shape[1]
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
     block = 2048
     _triton_kernel[(-(-n // block),)](packed, absmax_q, absmax_map, absmax_scale, absmax_offset, nf4_code, out, n,
                                       BLOCK=block)
     return out
 
 
-def dequantize_nf4(*tensors, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight in `dtype`; the Triton kernel on CUDA unless LORAFIT_REFERENCE_KERNELS=1."""
+def dequantize_nf4(*tensors, shape: tuple[int, int], dtype: torch.dtype, out: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The dense weight in `dtype`; the Triton kernel on CUDA unless LORAFIT_REFERENCE_KERNELS=1. `out`: written
+    there instead (contiguous, of `shape`: rows of a stacked weight)."""
     if tensors[0].is_meta:  # the planner's trace: what the CUDA kernel allocates, the output only
-        return torch.empty(shape, dtype=dtype, device="meta")
+        return torch.empty(shape, dtype=dtype, device="meta") if out is None else out
     if tensors[0].is_cuda and not FORCE_REFERENCE:
-        return dequantize_nf4_triton(*tensors, shape=shape, dtype=dtype)
-    return dequantize_nf4_reference(*tensors, shape=shape, dtype=dtype)
+        return dequantize_nf4_triton(*tensors, shape=shape, dtype=dtype, out=out)
+    dense = dequantize_nf4_reference(*tensors, shape=shape, dtype=dtype)
+    return dense if out is None else out.copy_(dense)

@@ -61,7 +61,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
                 grad_gate, grad_up = fp8_rows.swiglu_backward_remembered(g2.view(shape), u2.view(shape),
                                                                     grad_product.view(shape))
             else:
-                grad_gate, grad_up = fused.swiglu_backward(g2, u2, grad_product)
+                grad_gate, grad_up = fused.swiglu_input_grads(g2, u2, grad_product)
                 grad_gate, grad_up = grad_gate.view(ctx.shape), grad_up.view(ctx.shape)
             del grad_product
         return grad_gate, grad_up, grad_a, grad_b, None, None

@@ -23,6 +23,7 @@ from torch import nn
 
 from lorafit.kernels.fused import rms_norm, rope, swiglu
 from lorafit.kernels.varlen_attention import Segments, use_varlen, varlen_attention
+from lorafit.model.lora import stacked_outputs
 from lorafit.model.offload import OffloadedCheckpoint, OffloadState, TiledMLP
 from lorafit.model.offload_activations import ActivationOffload
 
@@ -123,9 +124,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = stacked_outputs(self, ("q_proj", "k_proj", "v_proj"), x) or (self.q_proj(x), self.k_proj(x),
+                                                                                self.v_proj(x))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -163,7 +166,7 @@ class MLP(nn.Module):
         return self.plain_forward(x)
 
     def plain_forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = stacked_outputs(self, ("gate_proj", "up_proj"), x) or (self.gate_proj(x), self.up_proj(x))
         if hasattr(self.down_proj, "forward_swiglu"):  # a LoRA linear: it keeps gate and up, not the product
             return self.down_proj.forward_swiglu(gate, up, self.keep_product)
         return self.down_proj(swiglu(gate, up))

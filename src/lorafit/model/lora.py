@@ -25,6 +25,7 @@ from lorafit.config import LoraConfig
 from lorafit.errors import ModelError
 from lorafit.kernels import fp8_rows, fused
 from lorafit.kernels.lora import lora_linear
+from lorafit.kernels.lora_siblings import SiblingGroup, lora_siblings
 from lorafit.kernels.nf4 import FORCE_REFERENCE
 from lorafit.kernels.swiglu_lora import swiglu_lora
 
@@ -58,7 +59,7 @@ class LoRALinear(nn.Module):
         unless `keep_product` (model.llama.MLP says when that pays) or dropout (it needs the product and its mask)."""
         if FORCE_REFERENCE or keep_product or not isinstance(self.lora_dropout, nn.Identity):
             fp8_base = getattr(self.base_layer, "fp8", False)  # then its e4m3 rows come in the same pass
-            return self(fp8_rows.swiglu_remembered(gate, up) if fp8_base else fused.swiglu(gate, up))
+            return self(fp8_rows.swiglu_remembered(gate, up) if fp8_base else fused.swiglu_trainable(gate, up))
         return swiglu_lora(gate, up, self)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,37 @@ class LoRALinear(nn.Module):
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
         return y + (self.lora_dropout(x) @ a.t() @ b.t()) * self.scaling
+
+
+STACK_SIBLINGS = True  # q/k/v and gate/up as one stacked LoRA linear each (kernels/lora_siblings.py)
+
+
+def stacked_outputs(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of `parent`'s linears `names` for their one input x, computed as one stacked LoRA linear; None
+    where they cannot be (not all LoRA linears on NF4 bases without dropout, biases on some only, the plain-PyTorch
+    twins forced, or STACK_SIBLINGS off): the caller then calls each."""
+    if not STACK_SIBLINGS or FORCE_REFERENCE:
+        return None
+    modules = tuple(getattr(parent, name) for name in names)
+    cache = parent.__dict__.get("_lorafit_stacked", {})
+    entry = cache.get(names)
+    if entry is None or any(a is not b for a, b in zip(entry[0], modules)):
+        entry = (modules, _sibling_group(modules))
+        parent.__dict__["_lorafit_stacked"] = {**cache, names: entry}
+    group = entry[1]
+    return lora_siblings(x, group) if group is not None and group.usable() else None
+
+
+def _sibling_group(modules) -> SiblingGroup | None:
+    from lorafit.model.quantize import is_nf4
+
+    if not all(isinstance(m, LoRALinear) and isinstance(m.lora_dropout, nn.Identity) and is_nf4(m.base_layer)
+               for m in modules):
+        return None
+    bases = [m.base_layer for m in modules]
+    if len({b.bias is None for b in bases}) > 1 or len({b.in_features for b in bases}) > 1:
+        return None
+    return SiblingGroup(modules)
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:

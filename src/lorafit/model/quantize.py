@@ -93,15 +93,16 @@ class NF4Linear(nn.Module):
     def nf4_tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, name) for name in NF4_TENSORS)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight [out, in]; written into `out` when given (rows of a stacked weight)."""
         dense = self.__dict__.get("_dense")
         if dense is not None and dense.dtype == (dtype or self.compute_dtype):
-            return dense
+            return dense if out is None else out.copy_(dense)
         if self.absmax_q.is_meta and not self.packed.is_meta:  # model/stream.py's mark of a layer not fetched
             raise RuntimeError("NF4 weights of a streamed layer used while they are not on the device: run the "
                                "layer through its module call (the streaming hooks fetch them)")
         return dequantize_nf4(*self.nf4_tensors(), shape=(self.out_features, self.in_features),
-                              dtype=dtype or self.compute_dtype)
+                              dtype=dtype or self.compute_dtype, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
