@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", default="off", choices=["on", "off"],
                         help="record the micro-step as a CUDA graph (config cuda_graphs)")
     parser.add_argument("--fp8", action="store_true", help="the frozen base's matmuls in FP8 (model.fp8_base)")
+    parser.add_argument("--unstacked", action="store_true",
+                        help="q/k/v and gate/up one linear at a time, as before kernels/lora_siblings.py (to compare)")
     parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
     parser.add_argument("--gpu-memory", default=None, help="fit the run to this budget as `lorafit train` does")
     parser.add_argument("--segments", default=None, help="write the allocator's segments (JSON) to this file")
@@ -123,6 +125,10 @@ def main() -> None:
         from lorafit.model import llama
 
         llama.use_varlen = lambda x: False
+    if args.unstacked:
+        from lorafit.model import lora
+
+        lora.STACK_SIBLINGS = False
     ckpt = make_checkpoint(args.model)
     if args.cap_gb:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -170,7 +176,8 @@ def main() -> None:
         write_segments(Path(args.segments))
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
-        cuda_graphs=args.cuda_graphs, fp8=args.fp8, kept_layers=args.kept_layers, docs_per_row=args.docs_per_row,
+        cuda_graphs=args.cuda_graphs, fp8=args.fp8, stacked=not args.unstacked, kept_layers=args.kept_layers,
+        docs_per_row=args.docs_per_row,
         masked_packing=args.masked_packing, offload_activations=args.offload_activations,
         real_tok_s=round(real_tok_s) if real_tok_s else None, model=args.model, seq=args.seq, bs=args.batch,
         status=status, peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -18,7 +18,8 @@ def _loss_and_grads(model, monkeypatch, stacked: bool, device="cpu", autocast=Fa
     monkeypatch.setattr(lora_module, "STACK_SIBLINGS", stacked)
     calls = []
     stack = lora_module.lora_siblings
-    monkeypatch.setattr(lora_module, "lora_siblings", lambda x, group: calls.append(len(group.loras)) or stack(x, group))
+    monkeypatch.setattr(lora_module, "lora_siblings",
+                        lambda x, group: calls.append(len(group.loras)) or stack(x, group))
     batch = random_batch(0).to(torch.device(device))
     model.zero_grad()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):

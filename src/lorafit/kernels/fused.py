@@ -75,7 +75,8 @@ def stacked_base(parts, widths=None) -> torch.Tensor | None:
             return None
         offset += width
     base = first._base
-    if base is not None and base.is_contiguous() and base.data_ptr() == first.data_ptr() and base.numel() == rows * total:
+    if (base is not None and base.is_contiguous() and base.data_ptr() == first.data_ptr()
+            and base.numel() == rows * total):
         return base
     return first.as_strided((rows, total), (total, 1))
 
