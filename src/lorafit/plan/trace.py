@@ -180,6 +180,16 @@ def _swiglu_backward(gate, up, grad):
     return torch.empty_like(gate), torch.empty_like(up)
 
 
+def _swiglu_input_grads(gate, up, grad):
+    """`fused.swiglu_input_grads`: the two gradients, as the halves of one tensor for a stacked gate/up."""
+    from lorafit.kernels import fused
+
+    if fused.stacked_base((gate, up)) is None:
+        return _swiglu_backward(gate, up, grad)
+    both = torch.empty((*gate.shape[:-1], 2 * gate.shape[-1]), dtype=gate.dtype, device=gate.device)
+    return both[..., :gate.shape[-1]], both[..., gate.shape[-1]:]
+
+
 def _sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **_):
     return FlashAttention.apply(q, k, v)
 
@@ -197,19 +207,20 @@ def cuda_kernels():
     from lorafit.model import llama
 
     saved = {name: getattr(llama, name) for name in ("rms_norm", "rope", "swiglu")}
-    in_fused = fused.swiglu, fused.swiglu_backward
+    in_fused = fused.swiglu, fused.swiglu_backward, fused.swiglu_input_grads
     sdpa, checkpoint = llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint
     try:
         for name in saved:
             setattr(llama, name, STAND_INS[name])
-        fused.swiglu, fused.swiglu_backward = SwiGLU.apply, _swiglu_backward  # as kernels.swiglu_lora calls them
+        # as kernels.swiglu_lora and fused._SwiGLU call them
+        fused.swiglu, fused.swiglu_backward, fused.swiglu_input_grads = SwiGLU.apply, _swiglu_backward, _swiglu_input_grads
         llama.F.scaled_dot_product_attention = _sdpa
         torch.utils.checkpoint.checkpoint = functools.partial(checkpoint, preserve_rng_state=False)
         yield
     finally:
         for name, fn in saved.items():
             setattr(llama, name, fn)
-        fused.swiglu, fused.swiglu_backward = in_fused
+        fused.swiglu, fused.swiglu_backward, fused.swiglu_input_grads = in_fused
         llama.F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint = sdpa, checkpoint
 
 
