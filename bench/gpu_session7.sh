@@ -14,6 +14,9 @@ for section in "$@"; do
       for shape in "qwen2.5-7b 2048 2 --fp8" "qwen2.5-1.5b 1024 32 --fp8 --kept-layers 7" "qwen2.5-1.5b 1024 48 --fp8"; do
         timeout 200 python bench/profile_step.py $shape --top 40 2>&1 | grep -v Warning | tee -a "$OUT/profile.txt" | tail -3
       done ;;
+    profile15)
+      timeout 200 python bench/profile_step.py qwen2.5-1.5b 1024 32 --fp8 --kept-layers 7 --top 40 2>&1 \
+        | grep -v Warning | tee -a "$OUT/profile.txt" | tail -3 ;;
     tests)
       timeout 300 python -m pytest -q -m gpu tests/test_lora_siblings.py tests/test_optim.py tests/test_fp8.py \
         tests/test_kernels.py tests/test_graphs.py ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider -p no:logging \
