@@ -31,6 +31,11 @@ for section in "$@"; do
     ab)
       run qwen2.5-1.5b 1024 32 --cap-gb 12 --kept-layers 7 --fp8 --unstacked
       run qwen2.5-7b 2048 2 --fp8 --unstacked ;;
+    alloc)
+      ENVS="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" run qwen2.5-1.5b 1024 32 --cap-gb 12 --kept-layers 7 --fp8
+      run qwen2.5-1.5b 1024 32 --cap-gb 12 --kept-layers 5 --fp8
+      ENVS="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" run qwen2.5-1.5b 1024 48 --cap-gb 12 --fp8
+      ENVS="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" run qwen2.5-7b 2048 2 --fp8 ;;
     bf16)
       run qwen2.5-7b 2048 2
       run qwen2.5-1.5b 1024 32 --cap-gb 12 --kept-layers 7 ;;
