@@ -269,12 +269,20 @@ def saved_bytes(saved: dict[str, list[int]], tokens: int) -> int:
 
 
 def lora_casts(shape: Shape, run: Run, act: int) -> int:
-    """Bytes of the bf16 casts of every LoRA A and B: `kernels.lora.cast_cached` keeps one per parameter from the
-    first forward on (made again after each optimizer step), shared by forward, recomputation and backward."""
+    """Bytes of the bf16 casts of every LoRA A and B: `kernels.lora.cast_cached` keeps one per parameter, a stacked
+    group one per group, from the first forward on (made again after each optimizer step), shared by forward,
+    recomputation and backward."""
     if run.method == "full":
         return 0
     r, targets = run.lora_r, run.lora_targets
-    per_layer = sum(blk(act * r * i) + blk(act * r * o) for name, i, o, _ in shape.linears() if name in targets)
+    linears = {name: (i, o) for name, i, o, _ in shape.linears() if name in targets}
+    per_layer = 0
+    if run.method == "qlora":  # q/k/v and gate/up stacked (kernels/lora_siblings.py): one stacked A, one block-
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):  # diagonal B per group instead
+            if all(name in linears for name in group):  # (dropout > 0 stacks nothing: counted high by ~1%)
+                width = sum(linears.pop(name)[1] for name in group)
+                per_layer += blk(act * r * len(group) * shape.hidden) + blk(act * width * r * len(group))
+    per_layer += sum(blk(act * r * i) + blk(act * r * o) for i, o in linears.values())
     return shape.layers * per_layer
 
 
