@@ -213,7 +213,8 @@ def cuda_kernels():
         for name in saved:
             setattr(llama, name, STAND_INS[name])
         # as kernels.swiglu_lora and fused._SwiGLU call them
-        fused.swiglu, fused.swiglu_backward, fused.swiglu_input_grads = SwiGLU.apply, _swiglu_backward, _swiglu_input_grads
+        fused.swiglu, fused.swiglu_backward = SwiGLU.apply, _swiglu_backward
+        fused.swiglu_input_grads = _swiglu_input_grads
         llama.F.scaled_dot_product_attention = _sdpa
         torch.utils.checkpoint.checkpoint = functools.partial(checkpoint, preserve_rng_state=False)
         yield
