@@ -125,12 +125,18 @@ class LoRAFunction(torch.autograd.Function):
         return grad_x, grad_x_lora, grad_a, grad_b, None, None
 
 
+def autocast_state(x: torch.Tensor) -> tuple[str, torch.dtype | None]:
+    """(the autocast device type of x's device, autocast's dtype there if it is on): what the Functions below cast
+    their inputs to before running with autocast off. Meta tensors (the planner's trace) count as the CPU."""
+    device = x.device.type if torch.amp.is_autocast_available(x.device.type) else "cpu"
+    return device, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def lora_linear(x: torch.Tensor, x_lora: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 base: torch.nn.Module, scaling: float) -> torch.Tensor:
     """base(x) + scaling * x_lora A^T B^T, computed in x's dtype (cast first, as autocast would)."""
-    device = x.device.type if torch.amp.is_autocast_available(x.device.type) else "cpu"  # meta: the planner's trace
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    device, dtype = autocast_state(x)
+    if dtype is not None:
         same_input = x_lora is x
         x = x.to(dtype)
         x_lora = x if same_input else x_lora.to(dtype)

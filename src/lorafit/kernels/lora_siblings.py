@@ -163,9 +163,9 @@ class LoRASiblingsFunction(torch.autograd.Function):
 
 def lora_siblings(x: torch.Tensor, group: SiblingGroup) -> tuple[torch.Tensor, ...]:
     """Each sibling's output (base(x) + s x A^T B^T), computed as one, in x's dtype (autocast's when it is on)."""
-    device = x.device.type if torch.amp.is_autocast_available(x.device.type) else "cpu"  # meta: the planner's trace
-    if torch.is_autocast_enabled(device):
-        x = x.to(torch.get_autocast_dtype(device))
+    device, dtype = lora.autocast_state(x)
+    if dtype is not None:
+        x = x.to(dtype)
     masters = [w for m in group.loras for w in (m.lora_A.weight, m.lora_B.weight)]
     with torch.autocast(device, enabled=False):
         return LoRASiblingsFunction.apply(x, group, *masters)

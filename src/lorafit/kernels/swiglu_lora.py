@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lorafit.kernels import fp8_rows, fused
-from lorafit.kernels.lora import cast_cached, frozen_input_grad, frozen_matmul
+from lorafit.kernels.lora import autocast_state, cast_cached, frozen_input_grad, frozen_matmul
 
 
 class SwiGLULoRAFunction(torch.autograd.Function):
@@ -70,9 +70,8 @@ class SwiGLULoRAFunction(torch.autograd.Function):
 def swiglu_lora(gate: torch.Tensor, up: torch.Tensor, down) -> torch.Tensor:
     """`down(silu(gate) * up)` for a LoRA linear `down` (model.lora.LoRALinear, no dropout), computed in gate's dtype
     (autocast's, when it is on: gate and up come out of autocast'ed LoRA linears already in it)."""
-    device = gate.device.type if torch.amp.is_autocast_available(gate.device.type) else "cpu"  # meta: the trace
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    device, dtype = autocast_state(gate)
+    if dtype is not None:
         gate, up = gate.to(dtype), up.to(dtype)
     with torch.autocast(device, enabled=False):
         return SwiGLULoRAFunction.apply(gate, up, down.lora_A.weight, down.lora_B.weight, down.base_layer,
