@@ -16,6 +16,7 @@ and writes every segment it created (size, and the innermost lorafit frame of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -111,6 +112,9 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="the frozen base's matmuls in FP8 (model.fp8_base)")
     parser.add_argument("--unstacked", action="store_true",
                         help="q/k/v and gate/up one linear at a time, as before kernels/lora_siblings.py (to compare)")
+    parser.add_argument("--gaps", action="store_true", help="the GPU's idle stretches in each step (bench/gaps.py)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="the optimizer, clip and zeroing over each adapter tensor (before train/flat.py)")
     parser.add_argument("--log", action="store_true", help="print lorafit's progress lines (OOM recovery shows there)")
     parser.add_argument("--gpu-memory", default=None, help="fit the run to this budget as `lorafit train` does")
     parser.add_argument("--segments", default=None, help="write the allocator's segments (JSON) to this file")
@@ -129,6 +133,10 @@ def main() -> None:
         from lorafit.model import lora
 
         lora.STACK_SIBLINGS = False
+    if args.per_tensor:
+        from lorafit.train import loop
+
+        loop.flatten = lambda params: None
     ckpt = make_checkpoint(args.model)
     if args.cap_gb:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -153,7 +161,16 @@ def main() -> None:
     })
     status = "ok"
     try:
-        result = train(cfg, Progress(live=False, quiet=not args.log))
+        with contextlib.ExitStack() as stack:
+            if args.gaps:
+                from torch.profiler import ProfilerActivity, profile
+
+                prof = stack.enter_context(profile(activities=[ProfilerActivity.CUDA]))
+            result = train(cfg, Progress(live=False, quiet=not args.log))
+        if args.gaps:
+            from bench.gaps import print_gaps
+
+            print_gaps(prof)
         history = [r for r in result.history if "tokens_per_s" in r]
         step_s = statistics.median([r["tokens"] / r["tokens_per_s"] for r in history[2:] or history])
         tok_s, loss = args.batch * args.seq / step_s, history[-1]["loss"]
@@ -176,7 +193,8 @@ def main() -> None:
         write_segments(Path(args.segments))
     print("RESULT", json.dumps(dict(
         cap_gb=args.cap_gb, stack="lorafit", offload=args.offload, mlp_chunk=args.mlp_chunk, method=args.method,
-        cuda_graphs=args.cuda_graphs, fp8=args.fp8, stacked=not args.unstacked, kept_layers=args.kept_layers,
+        cuda_graphs=args.cuda_graphs, fp8=args.fp8, stacked=not args.unstacked, flat=not args.per_tensor,
+        kept_layers=args.kept_layers,
         docs_per_row=args.docs_per_row,
         masked_packing=args.masked_packing, offload_activations=args.offload_activations,
         real_tok_s=round(real_tok_s) if real_tok_s else None, model=args.model, seq=args.seq, bs=args.batch,

@@ -9,6 +9,6 @@ ENVS=${ENVS:-}
 run() {
   echo "# $*" >> "$OUT/${REPORT}_log.txt"
   timeout "${LIMIT:-150}" env $ENVS python bench/bench_train.py "$@" --log > "$OUT/one.txt" 2>&1
-  grep -E "^RESULT|Error|error" "$OUT/one.txt" | tail -3 | tee -a "$OUT/$REPORT.txt"
+  grep -E "^RESULT|^GAPS|Error|error" "$OUT/one.txt" | tail -8 | tee -a "$OUT/$REPORT.txt"
   cat "$OUT/one.txt" >> "$OUT/${REPORT}_log.txt"
 }

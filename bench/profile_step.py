@@ -85,12 +85,15 @@ def main() -> None:
     parser.add_argument("--kept-layers", type=int, default=0, help="with checkpointing: the last N layers keep "
                         "their activations (config kept_layers)")
     parser.add_argument("--fp8", action="store_true", help="the frozen base's matmuls in e4m3 (model.fp8_base)")
+    parser.add_argument("--per-tensor", action="store_true", help="the optimizer steps each adapter tensor on its "
+                        "own (before train/flat.py)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     from lorafit.config import LoraConfig
     from lorafit.model.load import load_model
     from lorafit.model.lora import apply_lora
+    from lorafit.train.flat import flatten
     from lorafit.train.loss import target_loss_sum
     from lorafit.train.optim import build_optimizer
 
@@ -104,16 +107,18 @@ def main() -> None:
     model.kept_layers = args.kept_layers
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, "paged_adamw_8bit", 2e-4, 0.0, torch.device("cuda"))
+    flat = None if args.per_tensor else flatten(trainable)  # as train() does
+    stepped = [flat.param] if flat is not None else trainable
+    optimizer = build_optimizer(stepped, "paged_adamw_8bit", 2e-4, 0.0, torch.device("cuda"))
     ids = torch.randint(0, 256, (args.batch, args.seq), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, count = target_loss_sum(model, model(ids), ids)
         (loss / count).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch.nn.utils.clip_grad_norm_(stepped, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        flat.zero_grad() if flat is not None else optimizer.zero_grad(set_to_none=True)
 
     for _ in range(3):
         step()

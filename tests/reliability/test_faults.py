@@ -131,7 +131,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tiny, monkeypatch):
     from lorafit.model.lora import apply_lora
 
     apply_lora(model, cfg.lora)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # per tensor, as on disk
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     assert load_checkpoint(kept, model, optimizer, scheduler)["step"] == 2
 

@@ -135,7 +135,8 @@ def save_adapter(model: nn.Module, folder: str | Path, cfg: LoraConfig, base_mod
         bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(base_model),
     )
     peft_cfg.save_pretrained(str(folder))
-    tensors = {k: v.to("cpu", dtype) for k, v in lora_state_dict(model).items()}
+    # copies: the weights may be views of one flat buffer (train/flat.py), which safetensors will not save
+    tensors = {k: v.to("cpu", dtype, copy=True) for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 

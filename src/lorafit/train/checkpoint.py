@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
 from lorafit.train import distributed
+from lorafit.train.flat import FlatParameters, join_state, split_state
 
 PREFIX = "step-"
 
@@ -38,7 +39,8 @@ def _fsync_dir(path: Path):
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    # copies: trainable weights may be views of one flat buffer (train/flat.py), which safetensors will not save
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -55,14 +57,18 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2) -> Path:
-    """Every rank calls this (gathering sharded states is collective); rank 0 writes."""
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2,
+                    flat: FlatParameters | None = None) -> Path:
+    """Every rank calls this (gathering sharded states is collective); rank 0 writes. `flat`: the optimizer steps
+    the adapters' flat buffer; its state is written tensor by tensor all the same (train/flat.py)."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f"{PREFIX}{step:06d}.tmp"
     with distributed.full_trainable(model):
         weights = trainable_state(model)
     optimizer_state = distributed.full_optimizer_state(optimizer)
+    if flat is not None:
+        optimizer_state = split_state(optimizer_state, flat)
     if not distributed.is_main():
         distributed.barrier()  # returns once rank 0 has the checkpoint on disk
         return final
@@ -120,8 +126,9 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; returns the checkpoint's meta (step, ...)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, flat: FlatParameters | None = None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; returns the checkpoint's meta (step, ...). `flat`: as for
+    save_checkpoint."""
     saved = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):
@@ -133,7 +140,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     # weights_only: the state file holds tensors and plain containers only, so nothing in it can run code
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     try:
-        optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, state["optimizer"]))
+        saved_state = state["optimizer"] if flat is None else join_state(state["optimizer"], flat, str(path))
+        optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, saved_state))
     except ValueError as e:  # another optimizer, or parameters laid out otherwise than when it was saved
         raise LorafitError(f"{path}: the optimizer state does not fit this run's optimizer ({e}); resume from the "
                            "adapter instead, or start the run again") from None

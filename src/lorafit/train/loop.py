@@ -33,6 +33,7 @@ from lorafit.train.checkpoint import (
     save_checkpoint,
 )
 from lorafit.train.faults import Interrupted, StopRequest
+from lorafit.train.flat import flatten
 from lorafit.train.graphs import GraphedMicroStep, graphs_unavailable
 from lorafit.train.loss import target_loss_sum
 from lorafit.train.optim import build_optimizer, build_scheduler
@@ -192,12 +193,22 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                 for j in range(0, len(rows), micro_batch_size)]
 
     lookahead = Lookahead(step_inputs)
-    optimizer = build_optimizer(trainable, distributed.optimizer_name(cfg.optimizer, d.strategy), cfg.learning_rate,
+    # the adapters in one buffer: the optimizer, gradient clip and gradient sync take one tensor (train/flat.py)
+    flat = flatten(trainable) if cfg.method != "full" and d.strategy != "fsdp" else None
+    stepped = [flat.param] if flat is not None else trainable
+    optimizer = build_optimizer(stepped, distributed.optimizer_name(cfg.optimizer, d.strategy), cfg.learning_rate,
                                 cfg.weight_decay, device)
+
+    def zero_grads() -> None:
+        if flat is not None:  # the model's .grad are views of the flat buffer: zeroed, never set to None
+            flat.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=graphed is None)
+
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     before, best, evals_since_best, stopped_early = {}, {}, 0, False
     if checkpoint:
-        meta = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        meta = load_checkpoint(checkpoint, model, optimizer, scheduler, flat)
         before, best = meta.get("before", {}), meta.get("best", {})
         progress.say(f"resumed from {checkpoint} at step {start_step}")
     log = MetricsLog(out, keep_until_step=start_step, trackers=trackers) if d.main else distributed.RankLog()
@@ -271,7 +282,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                                                              sum(m.batch.num_tokens for m in micro),
                                                              out_of_memory, stop.requested])
             if oom_ranks:  # every rank retries the step together
-                optimizer.zero_grad(set_to_none=graphed is None)
+                zero_grads()
                 if model.kept_layers and model.gradient_checkpointing:  # first give back the memory they keep
                     progress.say(f"out of GPU memory at step {step + 1}: every layer recomputed now (kept_layers "
                                  f"{model.kept_layers} -> 0); retrying the step")
@@ -284,13 +295,13 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                 progress.say(f"out of GPU memory at step {step + 1}: micro-batch now {micro_batch_size}, accumulation "
                              f"{len(micro) * 2} (effective batch unchanged); retrying the step")
                 continue
-            distributed.sync_grads(trainable, d)  # data parallel: sum the LoRA gradients over ranks
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable,
+            distributed.sync_grads(stepped, d)  # data parallel: sum the LoRA gradients over ranks
+            grad_norm = torch.nn.utils.clip_grad_norm_(stepped,
                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             grad_norm = distributed.to_float(grad_norm)
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 # a NaN/Inf step must not reach the weights; skip it, and stop if it keeps happening
-                optimizer.zero_grad(set_to_none=graphed is None)
+                zero_grads()
                 bad_steps_in_a_row, skipped_steps = bad_steps_in_a_row + 1, skipped_steps + 1
                 progress.say(f"step {step + 1}: loss or gradient is NaN/Inf, step skipped ({skipped_steps} so far)")
                 if bad_steps_in_a_row >= cfg.max_bad_steps:
@@ -303,7 +314,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             bad_steps_in_a_row = 0
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=graphed is None)
+            zero_grads()
             # no wait for the optimizer here: the next step's copies and forward queue behind it. A step's time is
             # then launch to launch, which over steps is the same as start to finish.
             seconds = time.perf_counter() - t0
@@ -345,12 +356,12 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             meta_out = {"before": before, "best": best, "micro_batch_size": micro_batch_size,
                         "rows": row + rows_per_step, "world_size": d.world}
             if (stop_ranks if d.enabled else stop.requested) and not last:  # several processes stop together
-                path = save_checkpoint(out, step, model, optimizer, scheduler, meta_out, cfg.keep_checkpoints)
+                path = save_checkpoint(out, step, model, optimizer, scheduler, meta_out, cfg.keep_checkpoints, flat)
                 progress.finish()
                 raise Interrupted(f"{stop.signal_name or 'stop'}: checkpoint saved at step {step} in {path}; "
                                   f"continue with `lorafit train ... --output-dir {out} --resume auto`")
             if cfg.save_every and step % cfg.save_every == 0 and not last:
-                save_checkpoint(out, step, model, optimizer, scheduler, meta_out, cfg.keep_checkpoints)
+                save_checkpoint(out, step, model, optimizer, scheduler, meta_out, cfg.keep_checkpoints, flat)
             if stopped_early:
                 break
     finally:
