@@ -20,7 +20,9 @@ What a recording needs, and how it gets it here:
   place, never set to None), so the recorded backward accumulates into the same buffers on every replay;
 - nothing random to repeat (LoRA dropout 0): checkpoint recomputation need not save and restore RNG state, which
   cannot be read during a capture;
-- the LoRA casts recorded instead of read from `cast_cached`'s cache (`invalidate_casts`).
+- the LoRA casts recorded instead of read from `cast_cached`'s cache (`invalidate_casts`);
+- with an FP8 base, the e4m3 rows a kernel remembers for the next (kernels/fp8_rows.py) are found by tensor
+  identity while recording, so the recording holds the pairing; the weights' scales were made by the eager run.
 
 The first micro-batch of the shape runs eagerly on the capture stream (a real step: its loss and gradients count,
 and lazy per-stream state such as cuBLAS workspaces is set up); the recording follows (recording runs nothing, so
@@ -49,7 +51,6 @@ def graphs_unavailable(cfg, device: torch.device, world: int, streaming: bool) -
         "offload_activations (pinned host copies)": cfg.offload_activations > 0,
         "mlp_chunk_tokens (its recomputation restores RNG state)": cfg.mlp_chunk_tokens > 0,
         "layer streaming": streaming,
-        "model.fp8_base (its remembered e4m3 rows are Python state between kernels)": cfg.model.fp8_base,
         "LORAFIT_REFERENCE_KERNELS=1 (the plain-PyTorch twins run as they are)": FORCE_REFERENCE,
     }
     found = [reason for reason, applies in reasons.items() if applies]
