@@ -149,6 +149,8 @@ def test_many_replays_report_the_eager_loss(tmp_path, fp8):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             hidden = model(batch.input_ids.cuda(), position_ids=batch.position_ids.cuda())
             eager = every_position_loss_sum(model, hidden, batch.labels.cuda()).item()
-        if replayed != pytest.approx(eager, rel=1e-4):
+        # FP8: a last-bit difference between the recorded and the eager GEMMs can flip an e4m3 rounding (3
+        # mantissa bits); measured up to 1.6e-4 of the loss on the H100. The symptom looked for is 3-4x.
+        if replayed != pytest.approx(eager, rel=1e-3 if fp8 else 1e-4):
             wrong.append((i, replayed, eager))
     assert graphed.recording is not None and not wrong
