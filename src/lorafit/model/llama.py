@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lorafit.kernels.fused import rms_norm, rope, swiglu
 from lorafit.kernels.varlen_attention import Segments, use_varlen, varlen_attention
@@ -85,11 +84,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-# A recorded CUDA graph (train/graphs.py) runs packed rows through the masked path, and cuDNN's fused attention,
-# which PyTorch prefers on Hopper, replayed wrong results there: isolated steps with 3x the loss (BENCHMARKS.md)
-RECORDED_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the positions given; rope variants (llama3, yarn, linear...) come from transformers."""
 
@@ -150,9 +144,6 @@ class Attention(nn.Module):
             return self.o_proj(varlen_attention(*flat, mask).view(B, T, -1))
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif q.is_cuda and torch.cuda.is_current_stream_capturing():
-            with sdpa_kernel(RECORDED_MASKED_BACKENDS):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
