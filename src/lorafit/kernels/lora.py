@@ -41,15 +41,15 @@ def _count_optimizer_step(*_):
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def optimizer_steps() -> int:
-    """Optimizer steps taken so far (by any optimizer), plus `invalidate_casts` calls: a cached cast's key."""
-    return _optimizer_steps[0]
-
-
 def invalidate_casts() -> None:
     """Forget every cached cast, as an optimizer step does. CUDA graph capture calls it before recording (the casts
     must be in the graph, not read from an eager buffer) and after (a capture runs nothing: its outputs are empty)."""
     _count_optimizer_step()
+
+
+def cast_key(weights, dtype: torch.dtype) -> tuple:
+    """What a cast of `weights` to `dtype` stays valid for: no optimizer step and no in-place change since."""
+    return _optimizer_steps[0], tuple(w._version for w in weights), dtype
 
 
 def cast_cached(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +58,7 @@ def cast_cached(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     adapted linear per pass: ~1,200 launches per step on a 28-layer model."""
     if weight.dtype == dtype:
         return weight
-    key = (_optimizer_steps[0], weight._version, dtype)
+    key = cast_key((weight,), dtype)
     cached = getattr(weight, "_lorafit_cast", None)
     if cached is None or cached[0] != key:
         cached = (key, weight.detach().to(dtype))

@@ -63,7 +63,7 @@ class SiblingGroup:
     def adapters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A stacked, s-scaled block-diagonal B) in `dtype`, made once per optimizer step (as `lora.cast_cached`)."""
         masters = [w for m in self.loras for w in (m.lora_A.weight, m.lora_B.weight)]
-        key = (lora.optimizer_steps(), tuple(w._version for w in masters), dtype)
+        key = lora.cast_key(masters, dtype)
         if self._adapters is None or self._adapters[0] != key:
             a = torch.cat([m.lora_A.weight.detach() for m in self.loras]).to(dtype)
             b = torch.zeros((self.width, self.rank), dtype=dtype, device=a.device)
