@@ -1,0 +1,88 @@
+"""Where the CUDA-graph runs' wrong losses come from (train/graphs.py, BENCHMARKS.md session 8).
+
+    python bench/graph_check.py --model DIR [--steps 50] [--modes check,dry] [--workdir /tmp/graph_check]
+
+Trains bench_parity's run (the demo's medication task, QLoRA r=16) once per mode, in this process:
+- check: CUDA graphs on; after every replay the same device inputs go through the model again eagerly (no grad,
+  same weights, before the optimizer step) and both losses are printed, with whether the recording's input tensors
+  still hold this micro-batch. A replay that computes a wrong forward shows here as `CHECK ... MISMATCH`.
+- dry: the graphs' inputs (rows padded to data.max_length, the seq_ids mask, the every-position loss) run eagerly,
+  never recorded: the same numerics as the graphs without the recording.
+- graphs: CUDA graphs on, nothing added.
+- fast: CUDA graphs off (the default path: varlen attention, the loss on labelled positions only).
+Each mode's loss curve is printed (`CURVE mode [...]`) for comparison with bench_parity's fast and reference runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from lorafit.config import config_to_dict, load_config
+from lorafit.demo import demo_config
+from lorafit.train import graphs
+from lorafit.train.loop import train
+from lorafit.train.loss import every_position_loss_sum
+
+_original_run = graphs.GraphedMicroStep.run
+_original_init = graphs.GraphedMicroStep.__init__
+counter = {"replays": 0, "mismatches": 0}
+
+
+def checked_run(self, batch, inv_targets, embeds=None):
+    replaying = self.recording is not None and (tuple(batch.input_ids.shape), batch.seq_ids is not None) == self.key
+    loss = _original_run(self, batch, inv_targets, embeds)
+    if not replaying:
+        return loss
+    rec, n = self.recording, counter["replays"]
+    counter["replays"] += 1
+    got = float(loss)
+    host = self._host_inputs(batch, embeds)
+    same = all(torch.equal(rec.inputs[name].cpu(), host[name]) for name in host)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        inputs = rec.inputs
+        hidden = self.model(inputs["input_ids"], position_ids=inputs["position_ids"], seq_ids=inputs.get("seq_ids"))
+        want = float(every_position_loss_sum(self.model, hidden, inputs["labels"]))
+    bad = abs(got - want) > 0.02 * abs(want) + 1e-3
+    counter["mismatches"] += bad
+    print(f"CHECK replay {n} graph {got:.4f} eager {want:.4f} inputs_same {same}" + (" MISMATCH" if bad else ""),
+          flush=True)
+    return loss
+
+
+def dry_init(self, *args, **kwargs):
+    _original_init(self, *args, **kwargs)
+    self.failed = True  # never records: every micro-batch takes _forward_backward eagerly
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--modes", default="check,dry")
+    parser.add_argument("--workdir", default="/tmp/graph_check")
+    args = parser.parse_args()
+    for mode in args.modes.split(","):
+        graphs.GraphedMicroStep.run = checked_run if mode == "check" else _original_run
+        graphs.GraphedMicroStep.__init__ = dry_init if mode == "dry" else _original_init
+        out = Path(args.workdir) / mode
+        cfg = config_to_dict(demo_config(out, "medication", max_steps=args.steps))
+        cfg["model"]["path"] = args.model
+        cfg["cuda_graphs"] = "off" if mode == "fast" else "on"
+        cfg["eval"].update({"before_training": False, "metrics": [], "every": 0})
+        cfg["val_every"] = 0
+        (out / "graph_check.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        train(load_config(overrides=cfg))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curve = [round(r["loss"], 4) for r in rows if "loss" in r and "step" in r]
+        print(f"CURVE {mode} {json.dumps(curve)}", flush=True)
+        if mode == "check":
+            print(f"CHECKED {counter['replays']} replays, {counter['mismatches']} mismatches", flush=True)
+
+
+if __name__ == "__main__":
+    main()
