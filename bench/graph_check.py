@@ -10,6 +10,10 @@ Trains bench_parity's run (the demo's medication task, QLoRA r=16) once per mode
   never recorded: the same numerics as the graphs without the recording.
 - graphs: CUDA graphs on, nothing added.
 - fast: CUDA graphs off (the default path: varlen attention, the loss on labelled positions only).
+A mode may carry options after colons: `nocudnn` (SDPA without cuDNN's kernel), `math` (SDPA's plain kernel only),
+`refce` (the loss through the plain-PyTorch chunks, not the Triton head kernel), e.g. `dry:nocudnn`. In check and
+dry modes every eager micro-step is checked the same way as replays (`CHECK eager ...`). The checking forward runs
+SDPA's plain kernel and the plain loss, so it is independent of the kernels under test.
 Each mode's loss curve is printed (`CURVE mode [...]`) for comparison with bench_parity's fast and reference runs.
 """
 
@@ -24,34 +28,51 @@ import yaml
 
 from lorafit.config import config_to_dict, load_config
 from lorafit.demo import demo_config
-from lorafit.train import graphs
+from lorafit.train import graphs, loss
 from lorafit.train.loop import train
 from lorafit.train.loss import every_position_loss_sum
 
 _original_run = graphs.GraphedMicroStep.run
 _original_init = graphs.GraphedMicroStep.__init__
-counter = {"replays": 0, "mismatches": 0}
+_original_forward_backward = graphs.GraphedMicroStep._forward_backward
+_original_head_applies = loss._head_kernel_applies
+counter = {"checked": 0, "mismatches": 0}
+
+
+def plain_loss(model, inputs: dict[str, torch.Tensor]) -> float:
+    """The micro-batch's summed loss through SDPA's plain kernel and the plain loss, no gradient."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False), \
+            sdpa_kernel(SDPBackend.MATH):
+        hidden = model(inputs["input_ids"], position_ids=inputs["position_ids"], seq_ids=inputs.get("seq_ids"))
+        return float(every_position_loss_sum(model, hidden, inputs["labels"]))
+
+
+def report(kind: str, got: float, want: float, extra: str = "") -> None:
+    n = counter["checked"]
+    counter["checked"] += 1
+    bad = abs(got - want) > 0.02 * abs(want) + 1e-3
+    counter["mismatches"] += bad
+    print(f"CHECK {kind} {n} run {got:.4f} plain {want:.4f}{extra}" + (" MISMATCH" if bad else ""), flush=True)
 
 
 def checked_run(self, batch, inv_targets, embeds=None):
     replaying = self.recording is not None and (tuple(batch.input_ids.shape), batch.seq_ids is not None) == self.key
-    loss = _original_run(self, batch, inv_targets, embeds)
-    if not replaying:
-        return loss
-    rec, n = self.recording, counter["replays"]
-    counter["replays"] += 1
-    got = float(loss)
-    host = self._host_inputs(batch, embeds)
-    same = all(torch.equal(rec.inputs[name].cpu(), host[name]) for name in host)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-        inputs = rec.inputs
-        hidden = self.model(inputs["input_ids"], position_ids=inputs["position_ids"], seq_ids=inputs.get("seq_ids"))
-        want = float(every_position_loss_sum(self.model, hidden, inputs["labels"]))
-    bad = abs(got - want) > 0.02 * abs(want) + 1e-3
-    counter["mismatches"] += bad
-    print(f"CHECK replay {n} graph {got:.4f} eager {want:.4f} inputs_same {same}" + (" MISMATCH" if bad else ""),
-          flush=True)
-    return loss
+    result = _original_run(self, batch, inv_targets, embeds)
+    if replaying:
+        rec = self.recording
+        host = self._host_inputs(batch, embeds)
+        same = all(torch.equal(rec.inputs[name].cpu(), host[name]) for name in host)
+        report("replay", float(result), plain_loss(self.model, rec.inputs), f" inputs_same {same}")
+    return result
+
+
+def checked_forward_backward(self, inputs, inv_targets):
+    result = _original_forward_backward(self, inputs, inv_targets)
+    if not torch.cuda.is_current_stream_capturing():
+        report("eager", float(result), plain_loss(self.model, inputs))
+    return result
 
 
 def dry_init(self, *args, **kwargs):
@@ -66,10 +87,18 @@ def main() -> None:
     parser.add_argument("--modes", default="check,dry")
     parser.add_argument("--workdir", default="/tmp/graph_check")
     args = parser.parse_args()
-    for mode in args.modes.split(","):
-        graphs.GraphedMicroStep.run = checked_run if mode == "check" else _original_run
+    for spec in args.modes.split(","):
+        mode, *options = spec.split(":")
+        checking = mode in ("check", "dry")
+        graphs.GraphedMicroStep.run = checked_run if checking else _original_run
+        graphs.GraphedMicroStep._forward_backward = checked_forward_backward if checking else _original_forward_backward
         graphs.GraphedMicroStep.__init__ = dry_init if mode == "dry" else _original_init
-        out = Path(args.workdir) / mode
+        loss._head_kernel_applies = (lambda *_: False) if "refce" in options else _original_head_applies
+        torch.backends.cuda.enable_cudnn_sdp("nocudnn" not in options and "math" not in options)
+        torch.backends.cuda.enable_mem_efficient_sdp("math" not in options)
+        torch.backends.cuda.enable_flash_sdp("math" not in options)
+        counter.update(checked=0, mismatches=0)
+        out = Path(args.workdir) / spec.replace(":", "_")
         cfg = config_to_dict(demo_config(out, "medication", max_steps=args.steps))
         cfg["model"]["path"] = args.model
         cfg["cuda_graphs"] = "off" if mode == "fast" else "on"
@@ -79,9 +108,9 @@ def main() -> None:
         train(load_config(overrides=cfg))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curve = [round(r["loss"], 4) for r in rows if "loss" in r and "step" in r]
-        print(f"CURVE {mode} {json.dumps(curve)}", flush=True)
-        if mode == "check":
-            print(f"CHECKED {counter['replays']} replays, {counter['mismatches']} mismatches", flush=True)
+        print(f"CURVE {spec} {json.dumps(curve)}", flush=True)
+        if checking:
+            print(f"CHECKED {spec}: {counter['checked']} micro-steps, {counter['mismatches']} mismatches", flush=True)
 
 
 if __name__ == "__main__":
