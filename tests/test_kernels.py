@@ -237,6 +237,24 @@ def test_cross_entropy_kernel_equals_reference(vocab):
     torch.testing.assert_close(fast_logits.float(), ref_logits.float(), rtol=1e-2, atol=1e-5)
 
 
+@pytest.mark.gpu
+@cuda
+def test_cross_entropy_kernel_loss_holds_while_the_row_is_overwritten():
+    """The kernel overwrites each row with its gradient in place; the loss must come from the logits as they were.
+    Targets in the first 4,096-wide block are the ones a warp running ahead overwrites first. Many rows and repeats:
+    a kernel that read the target's logit after the reductions got 2-4x losses on a few rows of some calls."""
+    from lorafit.kernels.cross_entropy import cross_entropy_grad, cross_entropy_grad_reference
+
+    torch.manual_seed(0)
+    logits = torch.randn(4096, 49152, device="cuda", dtype=torch.bfloat16) * 3
+    targets = torch.randint(0, 4096, (4096,), device="cuda")
+    logits[torch.arange(4096), targets] += 8  # confident rows: a wrong target logit moves the loss by ~8
+    expected = cross_entropy_grad_reference(logits.clone(), targets)
+    for _ in range(20):
+        loss = cross_entropy_grad(logits.clone(), targets)
+        assert (loss - expected).abs().max().item() < 1e-2
+
+
 def test_dense_weights_on_cpu_are_the_dequantized_weights_and_go_away():
     from lorafit.model.quantize import dense_weights_on_cpu
 

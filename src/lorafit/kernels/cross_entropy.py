@@ -49,19 +49,25 @@ def _build_kernel():
         # online log-sum-exp, per lane, then combined. Lanes past V read -1e30, not -inf: a lane that never sees a
         # real logit (V < BLOCK) would otherwise compute exp(-inf - -inf) = NaN; this way it adds terms that the
         # final rescaling by exp(-1e30 - row_max) sends to zero.
+        target = tl.load(targets_ptr + row)
+        valid = target >= 0  # IGNORE_INDEX rows: loss 0, gradient 0
         running_max = tl.full([BLOCK], -1e30, tl.float32)
         running_sum = tl.zeros([BLOCK], tl.float32)
+        # The target's logit is picked out of the blocks this loop reads, not loaded on its own after it: the loop
+        # below overwrites the row in place, and a warp that is ahead may already have written the gradient there
+        # (nothing orders one warp's global loads after another's stores). Measured on an H100 with that load: 2-5
+        # micro-batches of 60 (SmolLM2, 512 tokens) reported a 2-4x loss (bench/graph_check.py); gradients were right.
+        target_hits = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             x = tl.load(base + start + cols, mask=start + cols < V, other=-1e30).to(tl.float32)
             new_max = tl.maximum(running_max, x)
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(x - new_max)
             running_max = new_max
+            target_hits += tl.where(start + cols == target, x, 0.0)
         row_max = tl.max(running_max, 0)
         total = tl.sum(running_sum * tl.exp(running_max - row_max), 0)
         lse = row_max + tl.log(total)
-        target = tl.load(targets_ptr + row)
-        valid = target >= 0  # IGNORE_INDEX rows: loss 0, gradient 0
-        target_logit = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
+        target_logit = tl.sum(target_hits, 0)
         tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
         for start in range(0, V, BLOCK):
             offs = start + cols
