@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--offload-activations", type=int, default=0,
                         help="the first N layers' activations go to pinned CPU memory instead of being recomputed")
     parser.add_argument("--kept-layers", type=int, default=0, help="the last N layers are not checkpointed")
-    parser.add_argument("--cuda-graphs", default="off", choices=["on", "off"],
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                         help="record the micro-step as a CUDA graph (config cuda_graphs)")
     parser.add_argument("--fp8", action="store_true", help="the frozen base's matmuls in FP8 (model.fp8_base)")
     parser.add_argument("--unstacked", action="store_true",
@@ -178,11 +178,13 @@ def main() -> None:
     except (torch.OutOfMemoryError, LorafitError) as e:  # train() says so at micro-batch 1
         status, step_s, tok_s, loss, real_tok_s = f"out of memory ({str(e)[:60]})", None, None, None, None
     extra = {}
+    run_json = work / "run" / "run.json"
+    if run_json.is_file():  # whether the micro-step really replayed (auto decides; a failed recording runs eagerly)
+        extra["graphs_ran"] = json.loads(run_json.read_text()).get("cuda_graphs")
     if args.gpu_memory:  # what fit_to_gpu_budget chose (run.json holds the config train() ran with) and its cap
         from lorafit.plan import budget_bytes
 
         extra["budget_gb"] = round(budget_bytes(args.gpu_memory) / 2**30, 2)
-        run_json = work / "run" / "run.json"
         if run_json.is_file():
             c = json.loads(run_json.read_text())["config"]
             extra["chosen"] = {"micro_batch_size": c["micro_batch_size"], "grad_accum": c["grad_accum"],

@@ -4,11 +4,13 @@ that shape.
 Why: with NF4 dequantization, the fused LoRA Function, compiled norms and the CE kernel, a QLoRA micro-step of a
 28-layer model is ~5,000 kernel launches, and where Python issues them more slowly than the GPU runs them the GPU
 waits. A replay issues the whole recorded micro-step in one call. Measured on the H100 through train(): Qwen2.5-7B
-at 2 x 2048 +14% (9,177 -> 10,434 tok/s), Qwen2.5-1.5B at 16 x 1024 +2% (already GPU-bound).
+at 2 x 2048 +30-47% (launch-bound: the eager row swings with the host), Qwen2.5-1.5B at 16 x 1024 +2% (already
+GPU-bound). Config `cuda_graphs`: auto (the default) records micro-batches of up to AUTO_MAX_TOKENS.
 
-Experimental (config `cuda_graphs`, off by default): in the 50-step parity run on the bundled model the graph runs
-reported a wrong loss (3-4x) on 2-4 steps of 50, at different steps in each run, while the eager fast path agreed
-with the reference (BENCHMARKS.md). The cause is not found yet.
+The graph runs once reported wrong losses (2-4x, on a few steps of 50). The cause was the LM-head loss kernel, not
+the recording: it read a row's target logit after a warp running ahead could have overwritten it with its gradient
+(kernels/cross_entropy.py), and the every-position loss below made that likelier. bench/graph_check.py checks each
+replay against an eager forward of the same inputs: 0 of 120 micro-steps differ since the fix.
 
 What a recording needs, and how it gets it here:
 - one shape and no host waits: packed micro-batches padded to `data.max_length`, and a loss over every position
@@ -55,6 +57,20 @@ def graphs_unavailable(cfg, device: torch.device, world: int, streaming: bool) -
     }
     found = [reason for reason, applies in reasons.items() if applies]
     return ", ".join(found) if found else None
+
+
+AUTO_MAX_TOKENS = 8192  # cuda_graphs auto: micro-batches up to this many tokens are recorded
+
+
+def graphs_would_not_pay(cfg) -> str | None:
+    """Why `cuda_graphs: auto` leaves this run eager (None: it records). A replay saves the host's time to issue
+    the micro-step's kernels, which matters where each kernel has little work: Qwen2.5-7B at 2 x 2048 tokens +30-47%
+    (H100), Qwen2.5-1.5B at 16 x 1024 +2%. Recording costs a memory pool of one micro-step's activations, and
+    graphs run every position through the LM head: at large micro-batches they cost more than they save."""
+    tokens = cfg.micro_batch_size * cfg.data.max_length
+    if tokens > AUTO_MAX_TOKENS:
+        return f"micro-batches of {tokens:,} tokens keep the GPU busy (auto records up to {AUTO_MAX_TOKENS:,})"
+    return None
 
 
 class _Recording:

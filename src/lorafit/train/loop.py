@@ -34,7 +34,7 @@ from lorafit.train.checkpoint import (
 )
 from lorafit.train.faults import Interrupted, StopRequest
 from lorafit.train.flat import flatten
-from lorafit.train.graphs import GraphedMicroStep, graphs_unavailable
+from lorafit.train.graphs import GraphedMicroStep, graphs_unavailable, graphs_would_not_pay
 from lorafit.train.loss import target_loss_sum
 from lorafit.train.optim import build_optimizer, build_scheduler
 from lorafit.train.progress import Progress
@@ -166,12 +166,16 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     pad_id = tokenizer.pad_token_id
     stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.seed, pad_id)
     graphed = None  # the micro-step as a recorded CUDA graph (train/graphs.py)
-    if cfg.cuda_graphs == "on":
+    if cfg.cuda_graphs != "off":
         why_not = graphs_unavailable(cfg, device, d.world, loaded.streamer is not None)
+        if why_not is None and cfg.cuda_graphs == "auto":
+            why_not = graphs_would_not_pay(cfg)
         if why_not is None:
             graphed = GraphedMicroStep(model, trainable, torch.bfloat16, progress.say)
             stream.pad_to = cfg.data.max_length  # one shape to record
-        else:
+            progress.say(f"CUDA graphs: each micro-step of {cfg.micro_batch_size} x {cfg.data.max_length} "
+                         "tokens recorded once, then replayed")
+        elif cfg.cuda_graphs == "on":
             progress.say(f"cuda_graphs on, but not for this run: {why_not}")
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum * d.world
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
@@ -247,7 +251,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
             # the targets of the whole global batch, so N processes train exactly like one
             num_targets = max(1, int(d.sum([sum(m.batch.num_targets for m in micro)])[0]))
             hidden = batch_loss = None
-            loss_total, out_of_memory = torch.zeros((), device=device), False
+            loss_total, out_of_memory, graphs_dropped = torch.zeros((), device=device), False, False
             try:
                 for i, inputs in enumerate(micro):
                     distributed.set_grad_sync(model, d, i == len(micro) - 1)
@@ -269,10 +273,11 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                 loss_sum = float(loss_total)
             except torch.OutOfMemoryError:
                 hidden = batch_loss = loss_total = None  # they hold the failed step's activations
-                if graphed is not None:
+                if graphed is not None:  # the recording's memory pool comes on top of the eager step's
                     graphed.disable()
-                    graphed = None
-                    progress.say("CUDA graphs off for the rest of the run (out of GPU memory)")
+                    graphed, graphs_dropped, stream.pad_to = None, True, None
+                    progress.say(f"out of GPU memory at step {step + 1} with CUDA graphs: they are off for the rest "
+                                 "of the run; retrying the step")
                 torch.cuda.empty_cache()
                 if d.strategy == "fsdp":  # the other ranks wait inside a collective: no coming back from here
                     raise LorafitError("out of GPU memory under FSDP: lower micro_batch_size or data.max_length "
@@ -283,6 +288,8 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                                                              out_of_memory, stop.requested])
             if oom_ranks:  # every rank retries the step together
                 zero_grads()
+                if graphs_dropped:  # one process (graphs need it): first retry as the eager run would have gone
+                    continue
                 if model.kept_layers and model.gradient_checkpointing:  # first give back the memory they keep
                     progress.say(f"out of GPU memory at step {step + 1}: every layer recomputed now (kept_layers "
                                  f"{model.kept_layers} -> 0); retrying the step")
@@ -387,6 +394,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                  else None, "train_report": train_report.__dict__, "val_report": val_report.__dict__},
         "versions": library_versions(), "device": str(device), "compute_dtype": str(dtype).replace("torch.", ""),
         "steps": last_step, "stopped_early": stopped_early,
+        "cuda_graphs": graphed is not None and graphed.recording is not None,
         "metrics": {"before": before, "best": best, "after": after},
         "final_train_loss": log.last_loss,
     }
