@@ -180,7 +180,7 @@ def main() -> None:
     extra = {}
     run_json = work / "run" / "run.json"
     if run_json.is_file():  # whether the micro-step really replayed (auto decides; a failed recording runs eagerly)
-        extra["graphs_ran"] = json.loads(run_json.read_text()).get("cuda_graphs")
+        extra["graph_replays"] = json.loads(run_json.read_text()).get("cuda_graph_replays")
     if args.gpu_memory:  # what fit_to_gpu_budget chose (run.json holds the config train() ran with) and its cap
         from lorafit.plan import budget_bytes
 

@@ -89,6 +89,7 @@ class GraphedMicroStep:
         self.recording: _Recording | None = None
         self.key = None  # (shape, packed) of the recording; None until the first micro-batch
         self.failed = False
+        self.replays = 0  # micro-batches run through a recording so far (run.json reports it)
         self.stream = torch.cuda.Stream()
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor], inv_targets: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,7 @@ class GraphedMicroStep:
             tensor.copy_(host[name])
         rec.inv_targets.fill_(inv_targets)
         rec.graph.replay()
+        self.replays += 1
         return rec.loss
 
     def _host_inputs(self, batch, embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -165,13 +165,13 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
     # data position is the global row reached, so a resume on another number of processes continues from there.
     pad_id = tokenizer.pad_token_id
     stream = BatchStream(train_examples, cfg.data.max_length, cfg.data.packing, cfg.seed, pad_id)
-    graphed = None  # the micro-step as a recorded CUDA graph (train/graphs.py)
+    graphed = graphs_used = None  # the micro-step as a recorded CUDA graph (train/graphs.py)
     if cfg.cuda_graphs != "off":
         why_not = graphs_unavailable(cfg, device, d.world, loaded.streamer is not None)
         if why_not is None and cfg.cuda_graphs == "auto":
             why_not = graphs_would_not_pay(cfg)
         if why_not is None:
-            graphed = GraphedMicroStep(model, trainable, torch.bfloat16, progress.say)
+            graphed = graphs_used = GraphedMicroStep(model, trainable, torch.bfloat16, progress.say)
             stream.pad_to = cfg.data.max_length  # one shape to record
             progress.say(f"CUDA graphs: each micro-step of {cfg.micro_batch_size} x {cfg.data.max_length} "
                          "tokens recorded once, then replayed")
@@ -394,7 +394,7 @@ def train(cfg: Config, progress: Progress | None = None) -> RunResult:
                  else None, "train_report": train_report.__dict__, "val_report": val_report.__dict__},
         "versions": library_versions(), "device": str(device), "compute_dtype": str(dtype).replace("torch.", ""),
         "steps": last_step, "stopped_early": stopped_early,
-        "cuda_graphs": graphed is not None and graphed.recording is not None,
+        "cuda_graph_replays": graphs_used.replays if graphs_used is not None else 0,
         "metrics": {"before": before, "best": best, "after": after},
         "final_train_loss": log.last_loss,
     }
