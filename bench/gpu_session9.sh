@@ -3,6 +3,7 @@
 #   tests  every GPU test (cuda_graphs auto is the default now, so the train() tests record and replay)
 #   fixed  Qwen2.5-7B 2 x 2048: lorafit as it runs by default (cuda_graphs auto records there), bf16 and --fp8,
 #          then Unsloth, one machine
+#   lorafit, unsloth  issue 8's three rows (session 8's commands), one stack per call on one warm machine
 # Summary lines go to $OUT/session9.txt.
 set -u
 REPORT=session9
@@ -19,6 +20,15 @@ for section in "$@"; do
       python bench/bench_peers.py --stacks lorafit,unsloth --only fixed --timeout 200 --out "$OUT/fixed" 2>&1 \
         | grep -E "^RESULT" | tee -a "$OUT/session9.txt"
       cat "$OUT/fixed/peers.md" | tee -a "$OUT/session9.txt" ;;
+    lorafit)
+      python bench/bench_peers.py --stacks lorafit --only fixed,7b16,15b12 --cands 7b16.lorafit=8 \
+        --cands 15b12.lorafit=32 --lorafit-flags "7b16=--gpu-memory 16GB" --lorafit-flags "15b12=--kept-layers 5" \
+        --lorafit-flags "all=--fp8" --timeout 200 --out "$OUT/rows_lorafit" 2>&1 | grep -E "^RESULT" \
+        | tee -a "$OUT/session9.txt" ;;
+    unsloth)
+      python bench/bench_peers.py --stacks unsloth --only fixed,7b16,15b12 --cands 7b16.unsloth=8 \
+        --cands 15b12.unsloth=32 --timeout 200 --out "$OUT/rows_unsloth" 2>&1 | grep -E "^RESULT" \
+        | tee -a "$OUT/session9.txt" ;;
     *) echo "unknown section $section" ;;
   esac
 done
