@@ -26,8 +26,8 @@ What a recording needs, and how it gets it here:
 - with an FP8 base, the e4m3 rows a kernel remembers for the next (kernels/fp8_rows.py) are found by tensor
   identity while recording, so the recording holds the pairing; the weights' scales were made by the eager run.
 
-The first micro-batch of the shape runs eagerly (a real step: its loss and gradients count, and lazy state such
-as compiled and autotuned kernels is set up before the capture); the recording follows (recording runs nothing, so
+The first micro-batch of the shape runs eagerly on the capture stream (a real step: its loss and gradients count,
+and lazy per-stream state such as cuBLAS workspaces is set up); the recording follows (recording runs nothing, so
 the gradients stay as that run left them); every later micro-batch replays. The recording's activations live in
 a private memory pool the size of one eager micro-step's; `release()` hands it back (before evaluation, and when
 memory runs out). If recording fails for any reason, the run says so and continues eagerly.
@@ -136,13 +136,14 @@ class GraphedMicroStep:
 
     def _run_then_record(self, batch, inv_targets: float, embeds: torch.Tensor | None) -> torch.Tensor:
         inputs, inv = self._inputs(batch, embeds), self._scalar(inv_targets)
-        # The real step for this micro-batch, on the current stream: there it reuses the free space that loading
-        # left inside the allocator's segments, which a side stream cannot (Qwen2.5-7B at 2 x 2048 reserved
-        # 8.01 GiB with this run on the capture stream, 6.88 eagerly). Its blocks go back before the recording.
-        loss = self._forward_backward(inputs, inv)
+        # blocks cached for the current stream cannot serve the capture stream: hand them back first, or this
+        # micro-step's memory is reserved twice (7B at 2 x 2048: 9.0 GB reserved instead of 7.6)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            loss = self._forward_backward(inputs, inv)  # the real step for this micro-batch
+        torch.cuda.current_stream().wait_stream(self.stream)
         for p in self.params:  # the recorded backward must accumulate into buffers that exist now
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
