@@ -76,7 +76,7 @@ def test_graphs_say_why_not_and_on_rejects_what_cannot_be_recorded():
     assert load_config(overrides={"cuda_graphs": "on"}).cuda_graphs == "on"
 
 
-def test_auto_records_small_micro_batches_only_and_never_refuses_a_config():
+def test_auto_records_small_packed_micro_batches_only_and_never_refuses_a_config():
     from lorafit.train.graphs import AUTO_MAX_TOKENS, graphs_would_not_pay
 
     assert load_config().cuda_graphs == "auto"
@@ -84,6 +84,8 @@ def test_auto_records_small_micro_batches_only_and_never_refuses_a_config():
     assert graphs_would_not_pay(small) is None
     large = load_config(overrides={"micro_batch_size": 8, "data": {"max_length": 2048}})
     assert "16,384 tokens" in graphs_would_not_pay(large) and AUTO_MAX_TOKENS < 16384
+    unpacked = load_config(overrides={"micro_batch_size": 2, "data": {"max_length": 2048, "packing": False}})
+    assert "pad every one to max_length" in graphs_would_not_pay(unpacked)
     # auto leaves a run it cannot record eager instead of refusing it, as `on` does
     assert load_config(overrides={"lora": {"dropout": 0.1}, "offload_checkpoints": True}).cuda_graphs == "auto"
 

@@ -147,7 +147,7 @@ class Config:
     cuda_graphs: Literal["auto", "on", "off"] = _help(
         "record the training micro-step as a CUDA graph and replay it, so the GPU no longer waits for Python to "
         "issue thousands of kernels (one GPU, lora.dropout 0, batches padded to data.max_length). auto: on where "
-        "that wait is large, micro-batches of at most 8,192 tokens (Qwen2.5-7B at 2 x 2048 on an H100: +30-47%)",
+        "that wait is large, packed micro-batches of at most 8,192 tokens (Qwen2.5-7B at 2 x 2048 on an H100: +30-47%)",
         default="auto")
     max_bad_steps: int = _help("stop after this many NaN/Inf steps in a row (each one is skipped)", default=5)
     seed: int = _help("seed for data order, adapter init and dropout", default=0)

@@ -66,7 +66,11 @@ def graphs_would_not_pay(cfg) -> str | None:
     """Why `cuda_graphs: auto` leaves this run eager (None: it records). A replay saves the host's time to issue
     the micro-step's kernels, which matters where each kernel has little work: Qwen2.5-7B at 2 x 2048 tokens +30-47%
     (H100), Qwen2.5-1.5B at 16 x 1024 +2%. Recording costs a memory pool of one micro-step's activations, and
-    graphs run every position through the LM head: at large micro-batches they cost more than they save."""
+    graphs run every position through the LM head: at large micro-batches they cost more than they save.
+    A recording also needs one shape, so every batch is padded to max_length: packed rows are full anyway, but
+    unpacked batches of short examples would pay for positions they do not have."""
+    if not cfg.data.packing:
+        return "unpacked batches vary in width, and a recording would pad every one to max_length"
     tokens = cfg.micro_batch_size * cfg.data.max_length
     if tokens > AUTO_MAX_TOKENS:
         return f"micro-batches of {tokens:,} tokens keep the GPU busy (auto records up to {AUTO_MAX_TOKENS:,})"
