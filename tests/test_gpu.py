@@ -79,3 +79,38 @@ def test_gpu_memory_budget_caps_the_allocator_on_cuda(tmp_path):
         torch.empty(16 * 2**30, dtype=torch.uint8, device="cuda")
     torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert total > 16 * 2**30
+
+
+def test_out_of_memory_with_cuda_graphs_retries_the_step_eagerly_and_trains_on(tmp_path, monkeypatch):
+    """An out-of-memory inside a recorded micro-step (forced here at the 6th micro-batch) turns graphs off and
+    retries that step as the eager run would go: the run finishes with the eager run's losses."""
+    from lorafit.train import graphs
+
+    folder, _ = make_tiny_checkpoint(tmp_path, "qwen2")
+    data = write_chat_data(tmp_path / "train.jsonl", 40)
+
+    def run(name, mode):
+        cfg = load_config(overrides={"model": {"path": str(folder)}, "data": {"train": str(data), "max_length": 64},
+                                     "lora": {"r": 4, "alpha": 8}, "output_dir": str(tmp_path / name), "seed": 3,
+                                     "max_steps": 10, "micro_batch_size": 2, "learning_rate": 1e-2,
+                                     "cuda_graphs": mode, "eval": {"before_training": False}})
+        result = train(cfg, Progress(quiet=True))
+        run_json = json.loads((result.output_dir / "run.json").read_text())
+        return [r["loss"] for r in result.history if "loss" in r], run_json
+
+    eager, eager_json = run("eager", "off")
+    calls, original = [0], graphs.GraphedMicroStep.run
+
+    def failing_run(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise torch.OutOfMemoryError("forced by the test")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(graphs.GraphedMicroStep, "run", failing_run)
+    dropped, dropped_json = run("dropped", "on")
+    assert eager_json["cuda_graph_replays"] == 0
+    assert dropped_json["cuda_graph_replays"] == 4  # micro-batches 2-5; the 6th failed, then the run went eager
+    assert len(dropped) == len(eager) == 10
+    for a, b in zip(dropped, eager):
+        assert abs(a - b) < 0.02 * abs(b) + 1e-3, (dropped, eager)
