@@ -29,17 +29,17 @@ import yaml
 def run(workdir: Path, variant: str, model: str, steps: int) -> list[float]:
     """variant: fast (every fast kernel, as `lorafit train` runs by default), graphs (fast kernels replayed as a
     CUDA graph: cuda_graphs on), fp8 (fast kernels with the base's matmuls in FP8: model.fp8_base), fp8graphs (both),
-    reference
-    (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin)."""
+    reference (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin), fp8reference (the twins with the FP8 base:
+    the same e4m3 rounding and scales, the products in fp32 on the dequantized values instead of FP8 GEMMs)."""
     from lorafit.config import config_to_dict
     from lorafit.demo import demo_config
 
     out = workdir / variant
-    reference = variant == "reference"
+    reference = variant in ("reference", "fp8reference")
     cfg = config_to_dict(demo_config(out, "medication", max_steps=steps))
     cfg["model"]["path"] = model
     cfg["cuda_graphs"] = "on" if variant in ("graphs", "fp8graphs") else "off"
-    cfg["model"]["fp8_base"] = variant in ("fp8", "fp8graphs")
+    cfg["model"]["fp8_base"] = variant in ("fp8", "fp8graphs", "fp8reference")
     cfg["eval"].update({"before_training": False, "metrics": [], "every": 0})
     cfg["val_every"] = 0
     config = out / "parity.yaml"
@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.03, help="see the module docstring")
     parser.add_argument("--workdir", default="/tmp/lorafit_parity")
     parser.add_argument("--variants", default="fast,reference",
-                        help="two of fast, graphs, fp8, fp8graphs, reference: the first is compared with the second")
+                        help="two of fast, graphs, fp8, fp8graphs, reference, fp8reference: the first is compared "
+                             "with the second")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     first, second = args.variants.split(",")
