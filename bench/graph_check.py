@@ -11,7 +11,8 @@ Trains bench_parity's run (the demo's medication task, QLoRA r=16) once per mode
 - graphs: CUDA graphs on, nothing added.
 - fast: CUDA graphs off (the default path: varlen attention, the loss on labelled positions only).
 A mode may carry options after colons: `nocudnn` (SDPA without cuDNN's kernel), `math` (SDPA's plain kernel only),
-`refce` (the loss through the plain-PyTorch chunks, not the Triton head kernel), e.g. `dry:nocudnn`. In check and
+`refce` (the loss through the plain-PyTorch chunks, not the Triton head kernel), `fp8` (the FP8 base: model.fp8_base),
+e.g. `dry:nocudnn`, `check:fp8`. In check and
 dry modes every eager micro-step is checked the same way as replays (`CHECK eager ...`). The checking forward runs
 SDPA's plain kernel and the plain loss, so it is independent of the kernels under test.
 Each mode's loss curve is printed (`CURVE mode [...]`) for comparison with bench_parity's fast and reference runs.
@@ -102,6 +103,7 @@ def main() -> None:
         cfg = config_to_dict(demo_config(out, "medication", max_steps=args.steps))
         cfg["model"]["path"] = args.model
         cfg["cuda_graphs"] = "off" if mode == "fast" else "on"
+        cfg["model"]["fp8_base"] = "fp8" in options
         cfg["eval"].update({"before_training": False, "metrics": [], "every": 0})
         cfg["val_every"] = 0
         (out / "graph_check.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
