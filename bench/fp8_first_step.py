@@ -1,0 +1,95 @@
+"""The FP8 base's first-step loss, taken apart (session 10): the bundled model's first training micro-batch, LoRA's B
+still zero (so the loss is the base model's), through the same forward as train(), in one process.
+
+    python bench/fp8_first_step.py [--model bundled|DIR] [--device cuda|cpu]
+
+Rows: the base in bf16 or FP8, the FP8 GEMMs and row quantization as the fast kernels or as their plain-PyTorch twins
+(kernels/fp8_rows.py's switch flipped in this process, everything else unchanged), the eager path's inputs (varlen
+rows, labelled positions) or a CUDA graph's (padded to max_length, seq_ids mask, every position), gradient on or off.
+Each row prints the loss and how many FP8 GEMMs and row quantizations ran. Why: on the H100 the fp8graphs run's step 1
+was 1.358 and the fp8reference run's 1.3249 (bf16: 1.32); on the CPU the twins give 1.36 against 1.33 in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+from lorafit.data.batching import BatchStream
+from lorafit.data.build import build_datasets
+from lorafit.data.tokenize import ensure_chat_template
+from lorafit.demo import demo_config
+from lorafit.kernels import fp8, fp8_rows
+from lorafit.model.load import load_model
+from lorafit.model.lora import apply_lora
+from lorafit.model.quantize import fp8_base_off, use_fp8_base
+from lorafit.train.loss import every_position_loss_sum, target_loss_sum
+
+calls = {"gemm": 0, "rows": 0}
+_gemm, _rows = fp8._scaled_matmul, fp8_rows.quantize_rows
+
+
+def counted_gemm(*args, **kwargs):
+    calls["gemm"] += 1
+    return _gemm(*args, **kwargs)
+
+
+def counted_rows(*args, **kwargs):
+    calls["rows"] += 1
+    return _rows(*args, **kwargs)
+
+
+fp8._scaled_matmul = counted_gemm
+fp8_rows.quantize_rows = counted_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cfg = demo_config("/tmp/fp8_first_step", "medication", max_steps=1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = load_model(args.model if args.model != "bundled" else cfg.model.path, device, dtype, quantize=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    examples, *_ = build_datasets(cfg.data, tokenizer, cfg.seed)
+    print(f"FP8 linears: {use_fp8_base(model)}", flush=True)
+    apply_lora(model, cfg.lora)
+    model.train()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+        else contextlib.nullcontext
+
+    def loss(graph_inputs: bool, grad: bool) -> float:
+        stream = BatchStream(examples, cfg.data.max_length, cfg.data.packing, cfg.seed, tokenizer.pad_token_id)
+        stream.pad_to = cfg.data.max_length if graph_inputs else None
+        batch, _ = stream.batch(0, 1)
+        b = vars(batch.to(device))
+        with torch.set_grad_enabled(grad), autocast():
+            if graph_inputs:
+                hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"])
+                total = every_position_loss_sum(model, hidden, b["labels"])
+            else:
+                hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
+                               cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"])
+                total, _ = target_loss_sum(model, hidden, b["labels"])
+        return float(total) / batch.num_targets
+
+    for base in ("bf16", "fp8 fast", "fp8 twins"):
+        fp8_rows.FORCE_REFERENCE = base == "fp8 twins"
+        off = fp8_base_off(model) if base == "bf16" else contextlib.nullcontext()
+        with off:
+            for graph_inputs in (False, True):
+                for grad in (True, False):
+                    calls.update(gemm=0, rows=0)
+                    value = loss(graph_inputs, grad)
+                    print(f"ROW base {base:9s} inputs {'graph' if graph_inputs else 'eager'} grad {int(grad)}  "
+                          f"loss {value:.4f}  fp8 gemms {calls['gemm']}  row quantizations {calls['rows']}",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
