@@ -1,13 +1,16 @@
 """The FP8 base's first-step loss, taken apart (session 10): the bundled model's first training micro-batch, LoRA's B
 still zero (so the loss is the base model's), through the same forward as train(), in one process.
 
-    python bench/fp8_first_step.py [--model bundled|DIR] [--device cuda|cpu]
+    python bench/fp8_first_step.py [--model bundled|DIR] [--device cuda|cpu] [--batches 16]
 
 Rows: the base in bf16 or FP8, the FP8 GEMMs and row quantization as the fast kernels or as their plain-PyTorch twins
 (kernels/fp8_rows.py's switch flipped in this process, everything else unchanged), the eager path's inputs (varlen
 rows, labelled positions) or a CUDA graph's (padded to max_length, seq_ids mask, every position), gradient on or off.
 Each row prints the loss and how many FP8 GEMMs and row quantizations ran. Why: on the H100 the fp8graphs run's step 1
 was 1.358 and the fp8reference run's 1.3249 (bf16: 1.32); on the CPU the twins give 1.36 against 1.33 in bf16.
+Then `MEAN`: the base model's loss over the first --batches micro-batches (eager inputs, no gradient), bf16 base
+against FP8 base (fast kernels where the device has them; "bf16" is fp32 on the CPU): what the FP8 base costs in
+loss on this model.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, default=16)
     args = parser.parse_args()
     device = torch.device(args.device)
     cfg = demo_config("/tmp/fp8_first_step", "medication", max_steps=1)
@@ -63,10 +67,10 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext
 
-    def loss(graph_inputs: bool, grad: bool) -> float:
+    def loss(graph_inputs: bool, grad: bool, index: int = 0, summed: bool = False):
         stream = BatchStream(examples, cfg.data.max_length, cfg.data.packing, cfg.seed, tokenizer.pad_token_id)
         stream.pad_to = cfg.data.max_length if graph_inputs else None
-        batch, _ = stream.batch(0, 1)
+        batch, _ = stream.batch(index, 1)
         b = vars(batch.to(device))
         with torch.set_grad_enabled(grad), autocast():
             if graph_inputs:
@@ -76,7 +80,7 @@ def main() -> None:
                 hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
                                cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"])
                 total, _ = target_loss_sum(model, hidden, b["labels"])
-        return float(total) / batch.num_targets
+        return (float(total), batch.num_targets) if summed else float(total) / batch.num_targets
 
     for base in ("bf16", "fp8 fast", "fp8 twins"):
         fp8_rows.FORCE_REFERENCE = base == "fp8 twins"
@@ -89,6 +93,16 @@ def main() -> None:
                     print(f"ROW base {base:9s} inputs {'graph' if graph_inputs else 'eager'} grad {int(grad)}  "
                           f"loss {value:.4f}  fp8 gemms {calls['gemm']}  row quantizations {calls['rows']}",
                           flush=True)
+    fp8_rows.FORCE_REFERENCE = False
+    sums = {}
+    for base in ("bf16", "fp8"):
+        with fp8_base_off(model) if base == "bf16" else contextlib.nullcontext():
+            parts = [loss(False, False, i, summed=True) for i in range(args.batches)]
+        sums[base] = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+        per_batch = [round(p[0] / p[1], 4) for p in parts]
+        print(f"BATCHES base {base}: {per_batch}", flush=True)
+    print(f"MEAN over {args.batches} batches: bf16 base {sums['bf16']:.4f}, FP8 base {sums['fp8']:.4f} "
+          f"({100 * (sums['fp8'] / sums['bf16'] - 1):+.2f}%)", flush=True)
 
 
 if __name__ == "__main__":

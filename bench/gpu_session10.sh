@@ -18,7 +18,7 @@ for section in "$@"; do
   echo "## $section" | tee -a "$OUT/session10.txt"
   case $section in
     first)
-      python bench/fp8_first_step.py --model /tmp/smollm2 2>&1 | grep -E "^(ROW|FP8)|Error" | tee -a "$OUT/session10.txt" ;;
+      python bench/fp8_first_step.py --model /tmp/smollm2 2>&1 | grep -E "^(ROW|FP8|MEAN)|Error" | tee -a "$OUT/session10.txt" ;;
     parity:*)
       pair=${section#parity:}
       python bench/bench_parity.py --model /tmp/smollm2 --steps 50 --variants "$pair" --workdir /tmp/par_${pair/,/_} \
