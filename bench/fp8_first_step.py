@@ -4,7 +4,8 @@ still zero (so the loss is the base model's), through the same forward as train(
     python bench/fp8_first_step.py [--model bundled|DIR] [--device cuda|cpu] [--batches 16]
 
 Rows: the base in bf16 or FP8, the FP8 GEMMs and row quantization as the fast kernels or as their plain-PyTorch twins
-(kernels/fp8_rows.py's switch flipped in this process, everything else unchanged), the eager path's inputs (varlen
+(kernels/fp8_rows.py's switch flipped in this process, everything else unchanged; "all twins": every module's switch,
+as LORAFIT_REFERENCE_KERNELS=1 would), the eager path's inputs (varlen
 rows, labelled positions) or a CUDA graph's (padded to max_length, seq_ids mask, every position), gradient on or off.
 Each row prints the loss and how many FP8 GEMMs and row quantizations ran. Why: on the H100 the fp8graphs run's step 1
 was 1.358 and the fp8reference run's 1.3249 (bf16: 1.32); on the CPU the twins give 1.36 against 1.33 in bf16.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 
 import torch
 
@@ -29,6 +31,16 @@ from lorafit.model.load import load_model
 from lorafit.model.lora import apply_lora
 from lorafit.model.quantize import fp8_base_off, use_fp8_base
 from lorafit.train.loss import every_position_loss_sum, target_loss_sum
+
+# every module that reads LORAFIT_REFERENCE_KERNELS' switch at call time: flipping them all is that variable's run
+SWITCHED = ["lorafit.kernels.nf4", "lorafit.kernels.fp8_rows", "lorafit.kernels.fused", "lorafit.kernels.cross_entropy",
+            "lorafit.kernels.varlen_attention", "lorafit.model.lora", "lorafit.train.loss"]
+
+
+def all_twins(on: bool) -> None:
+    for name in SWITCHED:
+        importlib.import_module(name).FORCE_REFERENCE = on
+
 
 calls = {"gemm": 0, "rows": 0}
 _gemm, _rows = fp8._scaled_matmul, fp8_rows.quantize_rows
@@ -82,18 +94,19 @@ def main() -> None:
                 total, _ = target_loss_sum(model, hidden, b["labels"])
         return (float(total), batch.num_targets) if summed else float(total) / batch.num_targets
 
-    for base in ("bf16", "fp8 fast", "fp8 twins"):
-        fp8_rows.FORCE_REFERENCE = base == "fp8 twins"
-        off = fp8_base_off(model) if base == "bf16" else contextlib.nullcontext()
+    for base in ("bf16", "bf16 all twins", "fp8 fast", "fp8 twins", "fp8 all twins"):
+        all_twins(base.endswith("all twins"))
+        fp8_rows.FORCE_REFERENCE = base.endswith("twins")
+        off = fp8_base_off(model) if base.startswith("bf16") else contextlib.nullcontext()
         with off:
             for graph_inputs in (False, True):
                 for grad in (True, False):
                     calls.update(gemm=0, rows=0)
                     value = loss(graph_inputs, grad)
-                    print(f"ROW base {base:9s} inputs {'graph' if graph_inputs else 'eager'} grad {int(grad)}  "
+                    print(f"ROW base {base:14s} inputs {'graph' if graph_inputs else 'eager'} grad {int(grad)}  "
                           f"loss {value:.4f}  fp8 gemms {calls['gemm']}  row quantizations {calls['rows']}",
                           flush=True)
-    fp8_rows.FORCE_REFERENCE = False
+    all_twins(False)
     sums = {}
     for base in ("bf16", "fp8"):
         with fp8_base_off(model) if base == "bf16" else contextlib.nullcontext():
