@@ -1,0 +1,90 @@
+"""Which of the base's linears the FP8 base's loss cost comes from (session 10), on the bundled model.
+
+    python bench/fp8_sensitivity.py [--model bundled|DIR] [--device cpu|cuda] [--batches 16]
+
+Runs the first --batches micro-batches of the demo's training data through the base model (LoRA's B is zero) with
+the FP8 base on a chosen set of linears and the rest in 16-bit, and prints the mean loss on labelled tokens and the
+mean KL divergence of the next-token distribution from the all-16-bit one (nats per labelled token). The KL is the
+measure of fidelity: the loss alone moves either way under noise (some sets lower it).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from lorafit.data.batching import BatchStream
+from lorafit.data.build import build_datasets
+from lorafit.data.tokenize import ensure_chat_template
+from lorafit.demo import demo_config
+from lorafit.model.load import load_model
+from lorafit.model.lora import apply_lora
+from lorafit.model.quantize import NF4Linear
+from lorafit.train.loss import target_loss_sum
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, default=16)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cfg = demo_config("/tmp/fp8_sensitivity", "medication", max_steps=1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = load_model(args.model if args.model != "bundled" else cfg.model.path, device, dtype, quantize=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    examples, *_ = build_datasets(cfg.data, tokenizer, cfg.seed)
+    apply_lora(model, cfg.lora)
+    stream = BatchStream(examples, cfg.data.max_length, cfg.data.packing, cfg.seed, tokenizer.pad_token_id)
+    batches = [stream.batch(i, 1)[0].to(device) for i in range(args.batches)]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, NF4Linear)]
+    last = len(model.model.layers) - 1
+
+    def layer(name: str) -> int:
+        return int(name.split(".layers.")[1].split(".")[0])
+
+    def kind(name: str) -> str:
+        return name.split(".")[-2]  # ...<kind>.base_layer
+
+    def run(reference: list[torch.Tensor] | None):
+        loss_sum, targets, kl_sum, outputs = 0.0, 0, 0.0, []
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for i, b in enumerate(batches):
+                hidden = model(b.input_ids, position_ids=b.position_ids, seq_ids=b.seq_ids,
+                               cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
+                total, count = target_loss_sum(model, hidden, b.labels)
+                loss_sum, targets = loss_sum + float(total), targets + count
+                keep = b.labels[:, 1:] != -100
+                logp = torch.log_softmax(model.lm_head(hidden[:, :-1][keep]).float(), -1)
+                outputs.append(logp)
+                if reference is not None:
+                    kl_sum += float((reference[i].exp() * (reference[i] - logp)).sum())
+        return loss_sum / targets, kl_sum / targets, outputs
+
+    choices = {
+        "none": lambda n: False,
+        "all": lambda n: True,
+        "all but down_proj": lambda n: kind(n) != "down_proj",
+        "all but gate_proj, up_proj": lambda n: kind(n) not in ("gate_proj", "up_proj"),
+        "all but attention (q, k, v, o)": lambda n: kind(n) not in ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "all but the first layer": lambda n: layer(n) != 0,
+        "all but the last layer": lambda n: layer(n) != last,
+        "all but the first and last layers": lambda n: layer(n) not in (0, last),
+        "all but the first two and last two": lambda n: layer(n) not in (0, 1, last - 1, last),
+    }
+    reference = base_loss = None
+    for label, picked in choices.items():
+        for name, module in linears:
+            module.fp8 = picked(name)
+        loss, kl, outputs = run(reference)
+        if reference is None:
+            reference, base_loss = outputs, loss
+        print(f"SET {label:34s} FP8 linears {sum(m.fp8 for _, m in linears):3d}  loss {loss:.4f} "
+              f"({100 * (loss / base_loss - 1):+.2f}%)  KL {kl:.4f} nats/token", flush=True)
+
+
+if __name__ == "__main__":
+    main()
