@@ -3,8 +3,9 @@
 # 1.3219 bf16 and 1.3249 for the FP8 twins). Needs the bundled model as bench/gpu_parity.sh brings it (two calls):
 #   call 1 (carry .cache/gguf_a):  cp .cache/gguf_a/part /tmp/gguf_a
 #   call 2 (carry .cache/gguf_b .wheels/gguf .wheels/core):  bash bench/gpu_session10.sh SECTION...
-# Sections: first (bench/fp8_first_step.py), sensitivity (bench/fp8_sensitivity.py), parity:A,B (bench_parity.py, 50 steps, A against B), check:fp8 / dry:fp8 ... (bench/graph_check.py
-# modes, comma-separated, 12 steps). Summary lines go to $OUT/session10.txt.
+# Sections: first (bench/fp8_first_step.py), sensitivity (bench/fp8_sensitivity.py), parity:A,B (bench_parity.py,
+# 50 steps, A against B), check:fp8 / dry:fp8 ... (bench/graph_check.py modes, comma-separated, 12 steps).
+# Summary lines go to $OUT/session10.txt. Not run yet: no device machine could be started in session 10.
 set -u
 export PYTHONPATH=$PWD/src:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
