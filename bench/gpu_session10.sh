@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Session 10 on the H100: where the FP8 base's first-step loss comes from (fp8graphs 1.358 at step 1 against
-# 1.3219 bf16 and 1.3249 for the FP8 twins). Needs the bundled model as bench/gpu_parity.sh brings it (two calls):
+# 1.3219 bf16 and 1.3249 for the FP8 twins). Needs bench/prepare_device.sh run here, and the bundled model brought
+# as bench/gpu_parity.sh does (two calls):
 #   call 1 (carry .cache/gguf_a):  cp .cache/gguf_a/part /tmp/gguf_a
 #   call 2 (carry .cache/gguf_b .wheels/gguf .wheels/core):  bash bench/gpu_session10.sh SECTION...
 # Sections: first (bench/fp8_first_step.py), sensitivity (bench/fp8_sensitivity.py), parity:A,B (bench_parity.py,
