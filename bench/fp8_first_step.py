@@ -56,8 +56,17 @@ def counted_rows(*args, **kwargs):
     return _rows(*args, **kwargs)
 
 
-fp8._scaled_matmul = counted_gemm
-fp8_rows.quantize_rows = counted_rows
+def base_with_adapters(model_path: str, device: torch.device):
+    """(demo config, QLoRA model with fresh adapters, tokenizer, training examples) for the demo's medication task:
+    LoRA's B is zero, so the model computes the base model. 16-bit base: bf16 on a GPU, fp32 on the CPU."""
+    cfg = demo_config("/tmp/fp8_base_loss", "medication", max_steps=1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = load_model(model_path if model_path != "bundled" else cfg.model.path, device, dtype, quantize=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    examples, *_ = build_datasets(cfg.data, tokenizer, cfg.seed)
+    apply_lora(model, cfg.lora)
+    return cfg, model, tokenizer, examples
 
 
 def main() -> None:
@@ -66,15 +75,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, default=16)
     args = parser.parse_args()
+    fp8._scaled_matmul, fp8_rows.quantize_rows = counted_gemm, counted_rows
     device = torch.device(args.device)
-    cfg = demo_config("/tmp/fp8_first_step", "medication", max_steps=1)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = load_model(args.model if args.model != "bundled" else cfg.model.path, device, dtype, quantize=True)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    ensure_chat_template(tokenizer)
-    examples, *_ = build_datasets(cfg.data, tokenizer, cfg.seed)
+    cfg, model, tokenizer, examples = base_with_adapters(args.model, device)
     print(f"FP8 linears: {use_fp8_base(model)}", flush=True)
-    apply_lora(model, cfg.lora)
     model.train()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext

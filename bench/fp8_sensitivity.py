@@ -11,17 +11,19 @@ measure of fidelity: the loss alone moves either way under noise (some sets lowe
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from lorafit.data.batching import BatchStream
-from lorafit.data.build import build_datasets
-from lorafit.data.tokenize import ensure_chat_template
-from lorafit.demo import demo_config
-from lorafit.model.load import load_model
-from lorafit.model.lora import apply_lora
-from lorafit.model.quantize import NF4Linear
-from lorafit.train.loss import target_loss_sum
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # `python bench/fp8_sensitivity.py` from anywhere: lorafit and bench
+
+from bench.fp8_first_step import base_with_adapters  # noqa: E402
+
+from lorafit.data.batching import BatchStream  # noqa: E402
+from lorafit.model.quantize import NF4Linear  # noqa: E402
+from lorafit.train.loss import target_loss_sum  # noqa: E402
 
 
 def main() -> None:
@@ -31,13 +33,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=16)
     args = parser.parse_args()
     device = torch.device(args.device)
-    cfg = demo_config("/tmp/fp8_sensitivity", "medication", max_steps=1)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = load_model(args.model if args.model != "bundled" else cfg.model.path, device, dtype, quantize=True)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    ensure_chat_template(tokenizer)
-    examples, *_ = build_datasets(cfg.data, tokenizer, cfg.seed)
-    apply_lora(model, cfg.lora)
+    cfg, model, tokenizer, examples = base_with_adapters(args.model, device)
     stream = BatchStream(examples, cfg.data.max_length, cfg.data.packing, cfg.seed, tokenizer.pad_token_id)
     batches = [stream.batch(i, 1)[0].to(device) for i in range(args.batches)]
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, NF4Linear)]
