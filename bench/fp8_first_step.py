@@ -69,12 +69,17 @@ def base_with_adapters(model_path: str, device: torch.device):
     return cfg, model, tokenizer, examples
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
+    """--model (bundled or a folder), --device, --batches: what both FP8 loss scripts take."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, default=16)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
     fp8._scaled_matmul, fp8_rows.quantize_rows = counted_gemm, counted_rows
     device = torch.device(args.device)
     cfg, model, tokenizer, examples = base_with_adapters(args.model, device)

@@ -10,7 +10,6 @@ measure of fidelity: the loss alone moves either way under noise (some sets lowe
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # `python bench/fp8_sensitivity.py` from anywhere: lorafit and bench
 
-from bench.fp8_first_step import base_with_adapters  # noqa: E402
+from bench.fp8_first_step import arguments, base_with_adapters  # noqa: E402
 
 from lorafit.data.batching import BatchStream  # noqa: E402
 from lorafit.model.quantize import NF4Linear  # noqa: E402
@@ -27,11 +26,7 @@ from lorafit.train.loss import target_loss_sum  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="bundled")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batches", type=int, default=16)
-    args = parser.parse_args()
+    args = arguments()
     device = torch.device(args.device)
     cfg, model, tokenizer, examples = base_with_adapters(args.model, device)
     stream = BatchStream(examples, cfg.data.max_length, cfg.data.packing, cfg.seed, tokenizer.pad_token_id)
