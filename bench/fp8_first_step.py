@@ -5,8 +5,8 @@ still zero (so the loss is the base model's), through the same forward as train(
 
 Rows: the base in bf16 or FP8, the FP8 GEMMs and row quantization as the fast kernels or as their plain-PyTorch twins
 (kernels/fp8_rows.py's switch flipped in this process, everything else unchanged; "all twins": every module's switch,
-as LORAFIT_REFERENCE_KERNELS=1 would), the eager path's inputs (varlen
-rows, labelled positions) or a CUDA graph's (padded to max_length, seq_ids mask, every position), gradient on or off.
+as LORAFIT_REFERENCE_KERNELS=1 would), the eager path's inputs (varlen rows, labelled positions) or a CUDA graph's
+(padded to max_length, seq_ids mask, every position), gradient on or off.
 Each row prints the loss and how many FP8 GEMMs and row quantizations ran. Why: on the H100 the fp8graphs run's step 1
 was 1.358 and the fp8reference run's 1.3249 (bf16: 1.32); on the CPU the twins give 1.36 against 1.33 in bf16.
 Then `MEAN`: the base model's loss over the first --batches micro-batches (eager inputs, no gradient), bf16 base
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import sys
 
 import torch
 
@@ -32,14 +32,13 @@ from lorafit.model.lora import apply_lora
 from lorafit.model.quantize import fp8_base_off, use_fp8_base
 from lorafit.train.loss import every_position_loss_sum, target_loss_sum
 
-# every module that reads LORAFIT_REFERENCE_KERNELS' switch at call time: flipping them all is that variable's run
-SWITCHED = ["lorafit.kernels.nf4", "lorafit.kernels.fp8_rows", "lorafit.kernels.fused", "lorafit.kernels.cross_entropy",
-            "lorafit.kernels.varlen_attention", "lorafit.model.lora", "lorafit.train.loss"]
-
 
 def all_twins(on: bool) -> None:
-    for name in SWITCHED:
-        importlib.import_module(name).FORCE_REFERENCE = on
+    """Every loaded lorafit module's copy of LORAFIT_REFERENCE_KERNELS' switch (each reads it at call time): all on
+    is that variable's run."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("lorafit.") and hasattr(module, "FORCE_REFERENCE"):
+            module.FORCE_REFERENCE = on
 
 
 calls = {"gemm": 0, "rows": 0}
@@ -88,10 +87,14 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext
 
+    streams = {}  # graph inputs or not: the same rows, padded to max_length or not
+    for graph_inputs in (False, True):
+        streams[graph_inputs] = BatchStream(examples, cfg.data.max_length, cfg.data.packing, cfg.seed,
+                                            tokenizer.pad_token_id)
+        streams[graph_inputs].pad_to = cfg.data.max_length if graph_inputs else None
+
     def loss(graph_inputs: bool, grad: bool, index: int = 0, summed: bool = False):
-        stream = BatchStream(examples, cfg.data.max_length, cfg.data.packing, cfg.seed, tokenizer.pad_token_id)
-        stream.pad_to = cfg.data.max_length if graph_inputs else None
-        batch, _ = stream.batch(index, 1)
+        batch, _ = streams[graph_inputs].batch(index, 1)
         b = vars(batch.to(device))
         with torch.set_grad_enabled(grad), autocast():
             if graph_inputs:

@@ -21,8 +21,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # `python bench/fp8_sensitivity.p
 from bench.fp8_first_step import arguments, base_with_adapters  # noqa: E402
 
 from lorafit.data.batching import BatchStream  # noqa: E402
+from lorafit.data.example import IGNORE_INDEX  # noqa: E402
 from lorafit.model.quantize import NF4Linear  # noqa: E402
-from lorafit.train.loss import target_loss_sum  # noqa: E402
 
 
 def main() -> None:
@@ -46,10 +46,10 @@ def main() -> None:
             for i, b in enumerate(batches):
                 hidden = model(b.input_ids, position_ids=b.position_ids, seq_ids=b.seq_ids,
                                cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
-                total, count = target_loss_sum(model, hidden, b.labels)
-                loss_sum, targets = loss_sum + float(total), targets + count
-                keep = b.labels[:, 1:] != -100
+                keep = b.labels[:, 1:] != IGNORE_INDEX
                 logp = torch.log_softmax(model.lm_head(hidden[:, :-1][keep]).float(), -1)
+                loss_sum -= float(logp.gather(1, b.labels[:, 1:][keep][:, None]).sum())  # the fp32 cross-entropy
+                targets += logp.shape[0]
                 outputs.append(logp)
                 if reference is not None:
                     kl_sum += float((reference[i].exp() * (reference[i] - logp)).sum())

@@ -59,5 +59,5 @@ def assert_close_at_scale(got: torch.Tensor, want: torch.Tensor, rel: float = 1e
     """Two fp32 computations of the same math that sum in other orders (a fused kernel against the plain
     composition, or another CPU's BLAS): equal to within `rel` of the tensor's largest magnitude, a few units of
     fp32 rounding there. A per-element 1e-5 is too tight for a gradient summed over many tokens (an AMD EPYC's BLAS
-    put a 120-sized LoRA A gradient 3e-5 off its plain twin) and far too loose for the logic errors this catches."""
+    put a 120-sized LoRA A gradient 3e-5 off its plain twin); the logic errors this catches are orders larger."""
     torch.testing.assert_close(got, want, rtol=0, atol=rel * float(want.abs().max()))
