@@ -34,6 +34,20 @@ def test_quantized_rows_round_trip_within_half_a_step_and_use_the_whole_range():
     assert ((back - x).abs() <= scale * 2 ** -10)[~normal].all()
 
 
+def test_the_twin_gemm_is_exact_fp32_arithmetic_even_under_autocast():
+    """The reference path calls the twin inside the training step's autocast region; there it once ran in bf16 on
+    bf16-rounded operands, so the FP8 twin run was not what the fast GEMM computes (session 11)."""
+    torch.manual_seed(0)
+    a_q, a_scale = fp8_rows.quantize_rows_reference(torch.randn(32, 256))
+    b_q, b_scale = fp8_rows.quantize_rows_reference(torch.randn(48, 256))
+    exact = (a_q.double() @ b_q.double().t()) * a_scale.double() * b_scale.double().t()
+    plain = fp8._scaled_matmul(a_q, a_scale, b_q, b_scale[:, 0], torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = fp8._scaled_matmul(a_q, a_scale, b_q, b_scale[:, 0], torch.float32)
+    assert torch.equal(plain, autocast)
+    assert relative_error(plain, exact) < 1e-6
+
+
 @pytest.mark.parametrize("transpose", [False, True])
 def test_nf4_to_fp8_reference_is_the_weight_over_its_channel_scales(transpose):
     _, module = nf4_linear(48, 320)

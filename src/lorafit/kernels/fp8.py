@@ -137,12 +137,14 @@ def _weight_fp8(base, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _scaled_matmul(a_q, a_scale, b_q_t, b_scale, out_dtype):
-    """(a_q * a_scale) @ (b_q_t * b_scale)^T: the fast GEMM on CUDA, fp32 arithmetic on dequantized values else."""
+    """(a_q * a_scale) @ (b_q_t * b_scale)^T: the fast GEMM on CUDA; else what it computes, in fp32: the exact
+    products of the e4m3 values summed, then scaled. Autocast stays off: under it the twin's product ran in bf16 on
+    bf16-rounded operands (the reference path calls this inside an autocast region)."""
     if _fast(a_q):
         return torch._scaled_mm(a_q, b_q_t.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=out_dtype)
-    a = a_q.float() * a_scale
-    b = b_q_t.float() * b_scale[:, None]
-    return (a @ b.t()).to(out_dtype)
+    device = a_q.device.type if torch.amp.is_autocast_available(a_q.device.type) else "cpu"
+    with torch.autocast(device, enabled=False):
+        return ((a_q.float() @ b_q_t.float().t()) * a_scale * b_scale[None, :]).to(out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, base) -> torch.Tensor:
