@@ -12,6 +12,14 @@ attention's backward), and two runs of the reference itself differed by up to 10
 (H100, bench/results/h100_parity_2026-11-23_session3_*). On the CPU the fast run still takes the fused LoRA
 Function and the gradient-in-forward head (with reference kernels inside): 2 steps on the bundled model agreed to
 1e-5 there. The real check is on a GPU (bench/gpu_parity.sh).
+
+`--self-noise N` also runs the second variant N more times, each with its fresh LoRA A matrices changed by a
+relative 2^-9 (seeded; about one bf16 rounding, since A is cast to bf16 in every product): how far that variant's
+own curve moves when one bf16 rounding upstream changes. An FP8 base rounds every activation to 3 mantissa bits, so
+a bf16-sized change flips roundings downstream and its curve moves by percents (bench/fp8_schemes.py measures the
+same on one forward); a fixed tolerance cannot tell a faithful fast path from a wrong one there, but this can:
+`within_noise` is true when the first variant is no farther from the second than the perturbed runs are, by each
+of max abs, last-ten and median per-step relative difference (each at most the largest of the perturbed runs').
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from pathlib import Path
 import yaml
 
 
-def run(workdir: Path, variant: str, model: str, steps: int) -> list[float]:
+def run(workdir: Path, variant: str, model: str, steps: int, perturb_seed: int | None = None) -> list[float]:
     """variant: fast (every fast kernel, as `lorafit train` runs by default), graphs (fast kernels replayed as a
     CUDA graph: cuda_graphs on), fp8 (fast kernels with the base's matmuls in FP8: model.fp8_base), fp8graphs (both),
     reference (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin), fp8reference (the twins with the FP8 base:
@@ -34,7 +42,7 @@ def run(workdir: Path, variant: str, model: str, steps: int) -> list[float]:
     from lorafit.config import config_to_dict
     from lorafit.demo import demo_config
 
-    out = workdir / variant
+    out = workdir / (variant if perturb_seed is None else f"{variant}_perturbed{perturb_seed}")
     reference = variant in ("reference", "fp8reference")
     cfg = config_to_dict(demo_config(out, "medication", max_steps=steps))
     cfg["model"]["path"] = model
@@ -46,12 +54,46 @@ def run(workdir: Path, variant: str, model: str, steps: int) -> list[float]:
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, "LORAFIT_REFERENCE_KERNELS": "1" if reference else "0"}
-    subprocess.run([sys.executable, "-m", "lorafit", "train", str(config)], env=env, check=True)
+    command = [sys.executable, "-m", "lorafit", "train", str(config)]
+    if perturb_seed is not None:
+        command = [sys.executable, __file__, "--perturbed-child", str(perturb_seed), str(config)]
+    subprocess.run(command, env=env, check=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r["loss"] for r in rows if "loss" in r and "step" in r]
 
 
+def perturbed_child(seed: int, config: str) -> None:
+    """`lorafit train config` with every fresh LoRA A multiplied by (1 + 2^-9 noise), noise from `seed`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    import torch
+
+    from lorafit.cli import main as lorafit_main
+    from lorafit.model import lora
+
+    generator = torch.Generator().manual_seed(seed)
+    plain_init = lora.LoRALinear.__init__
+
+    def init(self, *args, **kwargs):
+        plain_init(self, *args, **kwargs)
+        with torch.no_grad():
+            a = self.lora_A.weight
+            a.mul_(1 + 2.0 ** -9 * torch.randn(a.shape, generator=generator).to(a.device))
+
+    lora.LoRALinear.__init__ = init
+    lorafit_main(["train", config])
+
+
+def distance(a: list[float], b: list[float]) -> dict:
+    """max abs, last ten steps' relative gap, median per-step relative gap, of curve a from curve b."""
+    relative = sorted(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a, b))
+    return {"max_abs": round(max(abs(x - y) for x, y in zip(a, b)), 5),
+            "last10_rel": round(abs(sum(a[-10:]) - sum(b[-10:])) / max(abs(sum(b[-10:])), 1e-8), 5),
+            "median_rel": round(relative[len(relative) // 2], 5)}
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--perturbed-child":
+        return perturbed_child(int(sys.argv[2]), sys.argv[3])
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--steps", type=int, default=50)
@@ -60,6 +102,8 @@ def main() -> None:
     parser.add_argument("--variants", default="fast,reference",
                         help="two of fast, graphs, fp8, fp8graphs, reference, fp8reference: the first is compared "
                              "with the second")
+    parser.add_argument("--self-noise", type=int, default=0,
+                        help="also run the second variant this many times with A changed by a bf16 rounding")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     first, second = args.variants.split(",")
@@ -71,10 +115,18 @@ def main() -> None:
         print(f"step {step:3d}  {first} {a:.4f}  {second} {b:.4f}  rel {abs(a - b) / max(abs(b), 1e-8):.4f}")
     agree = len(fast) == len(reference) == args.steps and worst <= args.tolerance * reference[0] \
         and tail <= args.tolerance
-    print("RESULT", json.dumps({"variants": [first, second],
-                                "steps": len(fast), "max_abs": round(worst, 5), "last10_rel": round(tail, 5),
-                                "first": [round(fast[0], 4), round(reference[0], 4)],
-                                "last": [round(fast[-1], 4), round(reference[-1], 4)], "agree": agree}))
+    result = {"variants": [first, second], "steps": len(fast), "max_abs": round(worst, 5),
+              "last10_rel": round(tail, 5), "first": [round(fast[0], 4), round(reference[0], 4)],
+              "last": [round(fast[-1], 4), round(reference[-1], 4)], "agree": agree}
+    if args.self_noise:
+        ours = distance(fast, reference)
+        noise = [distance(run(workdir, second, args.model, args.steps, seed), reference)
+                 for seed in range(1, args.self_noise + 1)]
+        for seed, d in enumerate(noise, 1):
+            print(f"SELF-NOISE {second} perturbed {seed} vs {second}: {json.dumps(d)}")
+        result.update(distance=ours, self_noise=noise, within_noise=len(fast) == args.steps and all(
+            ours[k] <= max(d[k] for d in noise) for k in ours))
+    print("RESULT", json.dumps(result))
 
 
 if __name__ == "__main__":
