@@ -104,6 +104,7 @@ def main() -> None:
                              "with the second")
     parser.add_argument("--self-noise", type=int, default=0,
                         help="also run the second variant this many times with A changed by a bf16 rounding")
+    parser.add_argument("--first-seed", type=int, default=1, help="the perturbed runs' seeds start here")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     first, second = args.variants.split(",")
@@ -121,8 +122,8 @@ def main() -> None:
     if args.self_noise:
         ours = distance(fast, reference)
         noise = [distance(run(workdir, second, args.model, args.steps, seed), reference)
-                 for seed in range(1, args.self_noise + 1)]
-        for seed, d in enumerate(noise, 1):
+                 for seed in range(args.first_seed, args.first_seed + args.self_noise)]
+        for seed, d in enumerate(noise, args.first_seed):
             print(f"SELF-NOISE {second} perturbed {seed} vs {second}: {json.dumps(d)}")
         result.update(distance=ours, self_noise=noise, within_noise=len(fast) == args.steps and all(
             ours[k] <= max(d[k] for d in noise) for k in ours))

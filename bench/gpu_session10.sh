@@ -24,9 +24,11 @@ for section in "$@"; do
       python bench/fp8_first_step.py --model /tmp/smollm2 2>&1 | grep -E "^(ROW|FP8|MEAN)|Error" | tee -a "$OUT/session10.txt" ;;
     sensitivity)
       python bench/fp8_sensitivity.py --model /tmp/smollm2 2>&1 | grep -E "^SET|Error" | tee -a "$OUT/session10.txt" ;;
-    noise:*)  # noise:A,B,N: bench_parity.py A against B, then B N more times with A changed by a bf16 rounding
-      spec=${section#noise:}; pair=${spec%,*}; tag=${spec//,/_}
-      python bench/bench_parity.py --model /tmp/smollm2 --steps 50 --variants "$pair" --self-noise "${spec##*,}" \
+    noise:*)  # noise:A,B,N[,S]: bench_parity.py A against B, then B N more times (seeds S.., default 1) with A
+      spec=${section#noise:}; tag=${spec//,/_}  # changed by a bf16 rounding
+      IFS=, read -r first second count seed <<< "$spec"; pair=$first,$second
+      python bench/bench_parity.py --model /tmp/smollm2 --steps 50 --variants "$pair" --self-noise "$count" \
+        --first-seed "${seed:-1}" \
         --workdir /tmp/noise_$tag 2>&1 | grep -vi warn > "$OUT/noise_$tag.txt"
       grep -E "^(SELF-NOISE|RESULT)" "$OUT/noise_$tag.txt" | tee -a "$OUT/session10.txt" ;;
     parity:*)
