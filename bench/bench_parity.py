@@ -38,11 +38,14 @@ def run(workdir: Path, variant: str, model: str, steps: int, perturb_seed: int |
     """variant: fast (every fast kernel, as `lorafit train` runs by default), graphs (fast kernels replayed as a
     CUDA graph: cuda_graphs on), fp8 (fast kernels with the base's matmuls in FP8: model.fp8_base), fp8graphs (both),
     reference (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin), fp8reference (the twins with the FP8 base:
-    the same e4m3 rounding and scales, the products in fp32 on the dequantized values instead of FP8 GEMMs)."""
+    the same e4m3 rounding and scales, the products in fp32 on the dequantized values instead of FP8 GEMMs). A suffix
+    swaps the LM head's loss alone: `+refloss` its plain-PyTorch twin in a fast run, `+fastloss` the Triton kernel in
+    a reference run (which of the two a difference between the paths follows)."""
+    variant, _, loss_swap = variant.partition("+")
     from lorafit.config import config_to_dict
     from lorafit.demo import demo_config
 
-    out = workdir / (variant if perturb_seed is None else f"{variant}_perturbed{perturb_seed}")
+    out = workdir / ((variant + loss_swap) if perturb_seed is None else f"{variant}_perturbed{perturb_seed}")
     reference = variant in ("reference", "fp8reference")
     cfg = config_to_dict(demo_config(out, "medication", max_steps=steps))
     cfg["model"]["path"] = model
@@ -55,20 +58,28 @@ def run(workdir: Path, variant: str, model: str, steps: int, perturb_seed: int |
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, "LORAFIT_REFERENCE_KERNELS": "1" if reference else "0"}
     command = [sys.executable, "-m", "lorafit", "train", str(config)]
-    if perturb_seed is not None:
-        command = [sys.executable, __file__, "--perturbed-child", str(perturb_seed), str(config)]
+    if perturb_seed is not None or loss_swap:
+        command = [sys.executable, __file__, "--child", str(perturb_seed), loss_swap or "none", str(config)]
     subprocess.run(command, env=env, check=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r["loss"] for r in rows if "loss" in r and "step" in r]
 
 
-def perturbed_child(seed: int, config: str) -> None:
-    """`lorafit train config` with every fresh LoRA A multiplied by (1 + 2^-9 noise), noise from `seed`."""
+def child(seed: int | None, loss_swap: str, config: str) -> None:
+    """`lorafit train config` with every fresh LoRA A multiplied by (1 + 2^-9 noise) from `seed` (unless None), and
+    the loss's twin switch set as `loss_swap` says (refloss: twin, fastloss: kernel; none: as the run's)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
     import torch
 
     from lorafit.cli import main as lorafit_main
+    from lorafit.kernels import cross_entropy
     from lorafit.model import lora
+    from lorafit.train import loss
+
+    if loss_swap != "none":
+        loss.FORCE_REFERENCE = cross_entropy.FORCE_REFERENCE = loss_swap == "refloss"
+    if seed is None:
+        return lorafit_main(["train", config])
 
     generator = torch.Generator().manual_seed(seed)
     plain_init = lora.LoRALinear.__init__
@@ -92,8 +103,8 @@ def distance(a: list[float], b: list[float]) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--perturbed-child":
-        return perturbed_child(int(sys.argv[2]), sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        return child(None if sys.argv[2] == "None" else int(sys.argv[2]), sys.argv[3], sys.argv[4])
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--steps", type=int, default=50)
