@@ -38,7 +38,7 @@ def run(workdir: Path, variant: str, model: str, steps: int, perturb_seed: int |
     """variant: fast (every fast kernel, as `lorafit train` runs by default), graphs (fast kernels replayed as a
     CUDA graph: cuda_graphs on), fp8 (fast kernels with the base's matmuls in FP8: model.fp8_base), fp8graphs (both),
     reference (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin), fp8reference (the twins with the FP8 base:
-    the same e4m3 rounding and scales, the products in fp32 on the dequantized values instead of FP8 GEMMs). A suffix
+    the same e4m3 rounding and scales, the e4m3 products summed in fp32 instead of FP8 GEMMs). A suffix
     swaps the LM head's loss alone: `+refloss` its plain-PyTorch twin in a fast run, `+fastloss` the Triton kernel in
     a reference run (which of the two a difference between the paths follows)."""
     variant, _, loss_swap = variant.partition("+")

@@ -7,7 +7,7 @@
 # Sections: first (bench/fp8_first_step.py), sensitivity (bench/fp8_sensitivity.py), parity:A,B (bench_parity.py,
 # 50 steps, A against B), noise:A,B,N (the same, plus N runs of B with its adapters' start changed by a bf16 rounding:
 # `--self-noise`), check:fp8 / dry:fp8 ... (bench/graph_check.py modes, comma-separated, 12 steps).
-# Summary lines go to $OUT/session10.txt. Not run yet: no device machine could be started in session 10.
+# Summary lines go to $OUT/session10.txt. Run in session 11 (BENCHMARKS.md has the calls).
 set -u
 export PYTHONPATH=$PWD/src:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
