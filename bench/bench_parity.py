@@ -17,9 +17,10 @@ Function and the gradient-in-forward head (with reference kernels inside): 2 ste
 relative 2^-9 (seeded; about one bf16 rounding, since A is cast to bf16 in every product): how far that variant's
 own curve moves when one bf16 rounding upstream changes. An FP8 base rounds every activation to 3 mantissa bits, so
 a bf16-sized change flips roundings downstream and its curve moves by percents (bench/fp8_schemes.py measures the
-same on one forward); a fixed tolerance cannot tell a faithful fast path from a wrong one there, but this can:
+same on one forward). A fixed tolerance then passes or fails by chance; the runs' own spread is the yardstick:
 `within_noise` is true when the first variant is no farther from the second than the perturbed runs are, by each
 of max abs, last-ten and median per-step relative difference (each at most the largest of the perturbed runs').
+bench/parity_pool.py pools several such logs.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.03, help="see the module docstring")
     parser.add_argument("--workdir", default="/tmp/lorafit_parity")
     parser.add_argument("--variants", default="fast,reference",
-                        help="two of fast, graphs, fp8, fp8graphs, reference, fp8reference: the first is compared "
-                             "with the second")
+                        help="two of fast, graphs, fp8, fp8graphs, reference, fp8reference (each may end in "
+                             "+refloss or +fastloss: see run()): the first is compared with the second")
     parser.add_argument("--self-noise", type=int, default=0,
                         help="also run the second variant this many times with A changed by a bf16 rounding")
     parser.add_argument("--first-seed", type=int, default=1, help="the perturbed runs' seeds start here")
