@@ -35,7 +35,8 @@ from pathlib import Path
 import yaml
 
 
-def run(workdir: Path, variant: str, model: str, steps: int, perturb_seed: int | None = None) -> list[float]:
+def run(workdir: Path, variant: str, model: str, steps: int, perturb_seed: int | None = None,
+        noise_kind: str = "init") -> list[float]:
     """variant: fast (every fast kernel, as `lorafit train` runs by default), graphs (fast kernels replayed as a
     CUDA graph: cuda_graphs on), fp8 (fast kernels with the base's matmuls in FP8: model.fp8_base), fp8graphs (both),
     reference (LORAFIT_REFERENCE_KERNELS=1: every plain-PyTorch twin), fp8reference (the twins with the FP8 base:
@@ -46,7 +47,7 @@ def run(workdir: Path, variant: str, model: str, steps: int, perturb_seed: int |
     from lorafit.config import config_to_dict
     from lorafit.demo import demo_config
 
-    out = workdir / ((variant + loss_swap) if perturb_seed is None else f"{variant}_perturbed{perturb_seed}")
+    out = workdir / ((variant + loss_swap) if perturb_seed is None else f"{variant}_{noise_kind}{perturb_seed}")
     reference = variant in ("reference", "fp8reference")
     cfg = config_to_dict(demo_config(out, "medication", max_steps=steps))
     cfg["model"]["path"] = model
@@ -60,15 +61,20 @@ def run(workdir: Path, variant: str, model: str, steps: int, perturb_seed: int |
     env = {**os.environ, "LORAFIT_REFERENCE_KERNELS": "1" if reference else "0"}
     command = [sys.executable, "-m", "lorafit", "train", str(config)]
     if perturb_seed is not None or loss_swap:
-        command = [sys.executable, __file__, "--child", str(perturb_seed), loss_swap or "none", str(config)]
+        command = [sys.executable, __file__, "--child", f"{noise_kind}:{perturb_seed}", loss_swap or "none",
+                   str(config)]
     subprocess.run(command, env=env, check=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r["loss"] for r in rows if "loss" in r and "step" in r]
 
 
-def child(seed: int | None, loss_swap: str, config: str) -> None:
-    """`lorafit train config` with every fresh LoRA A multiplied by (1 + 2^-9 noise) from `seed` (unless None), and
-    the loss's twin switch set as `loss_swap` says (refloss: twin, fastloss: kernel; none: as the run's)."""
+def child(perturbation: str, loss_swap: str, config: str) -> None:
+    """`lorafit train config`, perturbed as `perturbation` ("KIND:SEED", noise from SEED; SEED None: unperturbed)
+    says: init multiplies every fresh LoRA A by (1 + 2^-9 noise) once; grad multiplies every gradient the optimizer
+    is about to apply by (1 + 2^-9 noise), at every step (a bf16 rounding's worth of difference that keeps coming,
+    as the fast kernels' own roundings do). The loss's twin switch is set as `loss_swap` says (refloss: twin,
+    fastloss: kernel; none: as the run's)."""
+    kind, _, seed = perturbation.partition(":")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
     import torch
 
@@ -79,17 +85,30 @@ def child(seed: int | None, loss_swap: str, config: str) -> None:
 
     if loss_swap != "none":
         loss.FORCE_REFERENCE = cross_entropy.FORCE_REFERENCE = loss_swap == "refloss"
-    if seed is None:
+    if seed == "None":
         return lorafit_main(["train", config])
+    generator = torch.Generator().manual_seed(int(seed))
 
-    generator = torch.Generator().manual_seed(seed)
+    def noisy(t: torch.Tensor) -> None:
+        t.mul_(1 + 2.0 ** -9 * torch.randn(t.shape, generator=generator).to(t.device))
+
+    if kind == "grad":
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        def before_step(optimizer, *_):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        noisy(p.grad)
+
+        register_optimizer_step_pre_hook(before_step)
+        return lorafit_main(["train", config])
     plain_init = lora.LoRALinear.__init__
 
     def init(self, *args, **kwargs):
         plain_init(self, *args, **kwargs)
         with torch.no_grad():
-            a = self.lora_A.weight
-            a.mul_(1 + 2.0 ** -9 * torch.randn(a.shape, generator=generator).to(a.device))
+            noisy(self.lora_A.weight)
 
     lora.LoRALinear.__init__ = init
     lorafit_main(["train", config])
@@ -105,7 +124,7 @@ def distance(a: list[float], b: list[float]) -> dict:
 
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        return child(None if sys.argv[2] == "None" else int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        return child(sys.argv[2], sys.argv[3], sys.argv[4])
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--steps", type=int, default=50)
@@ -117,6 +136,8 @@ def main() -> None:
     parser.add_argument("--self-noise", type=int, default=0,
                         help="also run the second variant this many times with A changed by a bf16 rounding")
     parser.add_argument("--first-seed", type=int, default=1, help="the perturbed runs' seeds start here")
+    parser.add_argument("--noise-kind", choices=("init", "grad"), default="init",
+                        help="init: A changed once at the start; grad: every step's gradients (see child())")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     first, second = args.variants.split(",")
@@ -133,7 +154,7 @@ def main() -> None:
               "last": [round(fast[-1], 4), round(reference[-1], 4)], "agree": agree}
     if args.self_noise:
         ours = distance(fast, reference)
-        noise = [distance(run(workdir, second, args.model, args.steps, seed), reference)
+        noise = [distance(run(workdir, second, args.model, args.steps, seed, args.noise_kind), reference)
                  for seed in range(args.first_seed, args.first_seed + args.self_noise)]
         for seed, d in enumerate(noise, args.first_seed):
             print(f"SELF-NOISE {second} perturbed {seed} vs {second}: {json.dumps(d)}")

@@ -5,8 +5,8 @@
 #   call 1 (carry .cache/gguf_a):  cp .cache/gguf_a/part /tmp/gguf_a
 #   call 2 (carry .cache/gguf_b .wheels/gguf .wheels/core):  bash bench/gpu_session10.sh SECTION...
 # Sections: first (bench/fp8_first_step.py), sensitivity (bench/fp8_sensitivity.py), parity:A,B (bench_parity.py,
-# 50 steps, A against B), noise:A,B,N (the same, plus N runs of B with its adapters' start changed by a bf16 rounding:
-# `--self-noise`), check:fp8 / dry:fp8 ... (bench/graph_check.py modes, comma-separated, 12 steps).
+# 50 steps, A against B), noise:A,B,N[,S[,KIND]] (the same, plus N runs of B changed by a bf16 rounding:
+# `--self-noise`, `--first-seed`, `--noise-kind`), check:fp8 / dry:fp8 ... (bench/graph_check.py modes, comma-separated, 12 steps).
 # Summary lines go to $OUT/session10.txt. Run in session 11 (BENCHMARKS.md has the calls).
 set -u
 export PYTHONPATH=$PWD/src:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -24,11 +24,11 @@ for section in "$@"; do
       python bench/fp8_first_step.py --model /tmp/smollm2 2>&1 | grep -E "^(ROW|FP8|MEAN)|Error" | tee -a "$OUT/session10.txt" ;;
     sensitivity)
       python bench/fp8_sensitivity.py --model /tmp/smollm2 2>&1 | grep -E "^SET|Error" | tee -a "$OUT/session10.txt" ;;
-    noise:*)  # noise:A,B,N[,S]: bench_parity.py A against B, then B N more times (seeds S.., default 1) with A
-      spec=${section#noise:}; tag=${spec//,/_}  # changed by a bf16 rounding
-      IFS=, read -r first second count seed <<< "$spec"; pair=$first,$second
+    noise:*)  # noise:A,B,N[,S[,KIND]]: bench_parity.py A against B, then B N more times (seeds S.., default 1)
+      spec=${section#noise:}; tag=${spec//,/_}  # changed by a bf16 rounding (KIND init, the default, or grad)
+      IFS=, read -r first second count seed kind <<< "$spec"; pair=$first,$second
       python bench/bench_parity.py --model /tmp/smollm2 --steps 50 --variants "$pair" --self-noise "$count" \
-        --first-seed "${seed:-1}" \
+        --first-seed "${seed:-1}" --noise-kind "${kind:-init}" \
         --workdir /tmp/noise_$tag 2>&1 | grep -vi warn > "$OUT/noise_$tag.txt"
       grep -E "^(SELF-NOISE|RESULT)" "$OUT/noise_$tag.txt" | tee -a "$OUT/session10.txt" ;;
     parity:*)
