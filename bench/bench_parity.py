@@ -72,8 +72,8 @@ def child(perturbation: str, loss_swap: str, config: str) -> None:
     """`lorafit train config`, perturbed as `perturbation` ("KIND:SEED", noise from SEED; SEED None: unperturbed)
     says: init multiplies every fresh LoRA A by (1 + 2^-9 noise) once; grad multiplies every gradient the optimizer
     is about to apply by (1 + 2^-9 noise), at every step (a bf16 rounding's worth of difference that keeps coming,
-    as the fast kernels' own roundings do). The loss's twin switch is set as `loss_swap` says (refloss: twin,
-    fastloss: kernel; none: as the run's)."""
+    as the fast kernels' own roundings do; Adam's first update, the gradient's sign, does not see it). The loss's
+    twin switch is set as `loss_swap` says (refloss: twin, fastloss: kernel; none: as the run's)."""
     kind, _, seed = perturbation.partition(":")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
     import torch
