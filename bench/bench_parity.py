@@ -114,12 +114,14 @@ def child(perturbation: str, loss_swap: str, config: str) -> None:
     lorafit_main(["train", config])
 
 
-def distance(a: list[float], b: list[float]) -> dict:
-    """max abs, last ten steps' relative gap, median per-step relative gap, of curve a from curve b."""
+def distance(a: list[float], b: list[float], digits: int | None = 5) -> dict:
+    """max abs, last ten steps' relative gap, median per-step relative gap, of curve a from curve b (rounded to
+    `digits`, unless None)."""
     relative = sorted(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a, b))
-    return {"max_abs": round(max(abs(x - y) for x, y in zip(a, b)), 5),
-            "last10_rel": round(abs(sum(a[-10:]) - sum(b[-10:])) / max(abs(sum(b[-10:])), 1e-8), 5),
-            "median_rel": round(relative[len(relative) // 2], 5)}
+    gaps = {"max_abs": max(abs(x - y) for x, y in zip(a, b)),
+            "last10_rel": abs(sum(a[-10:]) - sum(b[-10:])) / max(abs(sum(b[-10:])), 1e-8),
+            "median_rel": relative[len(relative) // 2]}
+    return gaps if digits is None else {k: round(v, digits) for k, v in gaps.items()}
 
 
 def main() -> None:
@@ -143,17 +145,16 @@ def main() -> None:
     first, second = args.variants.split(",")
     fast = run(workdir, first, args.model, args.steps)
     reference = run(workdir, second, args.model, args.steps)
-    worst = max(abs(a - b) for a, b in zip(fast, reference))
-    tail = abs(sum(fast[-10:]) - sum(reference[-10:])) / max(abs(sum(reference[-10:])), 1e-8)
+    gaps = distance(fast, reference, digits=None)
     for step, (a, b) in enumerate(zip(fast, reference), 1):
         print(f"step {step:3d}  {first} {a:.4f}  {second} {b:.4f}  rel {abs(a - b) / max(abs(b), 1e-8):.4f}")
-    agree = len(fast) == len(reference) == args.steps and worst <= args.tolerance * reference[0] \
-        and tail <= args.tolerance
-    result = {"variants": [first, second], "steps": len(fast), "max_abs": round(worst, 5),
-              "last10_rel": round(tail, 5), "first": [round(fast[0], 4), round(reference[0], 4)],
+    agree = len(fast) == len(reference) == args.steps and gaps["max_abs"] <= args.tolerance * reference[0] \
+        and gaps["last10_rel"] <= args.tolerance
+    result = {"variants": [first, second], "steps": len(fast), "max_abs": round(gaps["max_abs"], 5),
+              "last10_rel": round(gaps["last10_rel"], 5), "first": [round(fast[0], 4), round(reference[0], 4)],
               "last": [round(fast[-1], 4), round(reference[-1], 4)], "agree": agree}
     if args.self_noise:
-        ours = distance(fast, reference)
+        ours = {k: round(v, 5) for k, v in gaps.items()}
         noise = [distance(run(workdir, second, args.model, args.steps, seed, args.noise_kind), reference)
                  for seed in range(args.first_seed, args.first_seed + args.self_noise)]
         for seed, d in enumerate(noise, args.first_seed):

@@ -24,6 +24,7 @@ import torch
 
 from lorafit.data.batching import BatchStream
 from lorafit.data.build import build_datasets
+from lorafit.data.example import IGNORE_INDEX
 from lorafit.data.tokenize import ensure_chat_template
 from lorafit.demo import demo_config
 from lorafit.kernels import fp8, fp8_rows
@@ -66,6 +67,22 @@ def base_with_adapters(model_path: str, device: torch.device):
     examples, *_ = build_datasets(cfg.data, tokenizer, cfg.seed)
     apply_lora(model, cfg.lora)
     return cfg, model, tokenizer, examples
+
+
+def labelled_log_probs(model, batch, inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """The next-token log-probabilities (fp32) at `batch`'s labelled positions, and their summed cross-entropy: what
+    the FP8 loss scripts compare between versions of the base. Eager inputs (varlen rows), no gradient wanted."""
+    hidden = model(batch.input_ids if inputs_embeds is None else None, position_ids=batch.position_ids,
+                   seq_ids=batch.seq_ids, inputs_embeds=inputs_embeds, cu_seqlens=batch.cu_seqlens,
+                   max_seqlen=batch.max_seqlen)
+    keep = batch.labels[:, 1:] != IGNORE_INDEX
+    logp = torch.log_softmax(model.lm_head(hidden[:, :-1][keep]).float(), -1)
+    return logp, -float(logp.gather(1, batch.labels[:, 1:][keep][:, None]).sum())
+
+
+def mean_kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> float:
+    """KL(p || q) of log-probability rows, summed over the batches' rows and divided by their count (nats/token)."""
+    return sum(float((a.exp() * (a - b)).sum()) for a, b in zip(p, q)) / sum(a.shape[0] for a in p)
 
 
 def arguments() -> argparse.Namespace:

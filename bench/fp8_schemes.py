@@ -25,21 +25,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from bench.fp8_first_step import all_twins, arguments, base_with_adapters  # noqa: E402
+from bench.fp8_first_step import all_twins, arguments, base_with_adapters, labelled_log_probs, mean_kl  # noqa: E402
 
 from lorafit.data.batching import BatchStream  # noqa: E402
-from lorafit.data.example import IGNORE_INDEX  # noqa: E402
-from lorafit.kernels.fp8_rows import E4M3, E4M3_MAX  # noqa: E402
+from lorafit.kernels.fp8_rows import E4M3, E4M3_MAX, quantize_rows_reference  # noqa: E402
 from lorafit.model import quantize  # noqa: E402
 from lorafit.model.quantize import NF4Linear, use_fp8_base  # noqa: E402
 
 
 def fake_rows(x: torch.Tensor, block: int | None) -> torch.Tensor:
-    """x [M, K] through e4m3 with one scale per row (block None) or per `block` columns of a row."""
+    """x [M, K] through e4m3 with one scale per row (block None) or per `block` columns of a row: the FP8 base's
+    row quantization (kernels/fp8_rows.py), each block taken as a row of its own."""
     m, k = x.shape
-    parts = x.reshape(m, k // block, block) if block and k % block == 0 else x[:, None, :]
-    scale = parts.abs().amax(-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return ((parts / scale).to(E4M3).float() * scale).reshape(m, k)
+    q, scale = quantize_rows_reference(x.reshape(-1, block) if block and k % block == 0 else x)
+    return (q.float() * scale).reshape(m, k)
 
 
 def fake_tiles(w: torch.Tensor, tile: int) -> torch.Tensor:
@@ -111,7 +110,7 @@ def main() -> None:
     embed = model.model.embed_tokens
 
     def run(perturb: bool) -> tuple[float, list[torch.Tensor]]:
-        loss_sum, targets, outputs = 0.0, 0, []
+        outputs, losses = [], []
         with torch.no_grad():
             for i, b in enumerate(batches):
                 embeds = embed(b.input_ids).float()
@@ -119,26 +118,18 @@ def main() -> None:
                     if wobbles[i] is None:
                         wobbles[i] = 1 + 2.0 ** -9 * torch.randn(embeds.shape, generator=generator).to(device)
                     embeds = embeds * wobbles[i]
-                hidden = model(None, position_ids=b.position_ids, seq_ids=b.seq_ids, inputs_embeds=embeds,
-                               cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
-                keep = b.labels[:, 1:] != IGNORE_INDEX
-                logp = torch.log_softmax(model.lm_head(hidden[:, :-1][keep]).float(), -1)
-                loss_sum -= float(logp.gather(1, b.labels[:, 1:][keep][:, None]).sum())
-                targets += logp.shape[0]
+                logp, loss = labelled_log_probs(model, b, embeds)
                 outputs.append(logp)
-        return loss_sum / targets, outputs
-
-    def kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> float:
-        total = sum(float((a.exp() * (a - b)).sum()) for a, b in zip(p, q))
-        return total / sum(a.shape[0] for a in p)
+                losses.append(loss)
+        return sum(losses) / sum(logp.shape[0] for logp in outputs), outputs
 
     linears = [m for m in model.modules() if isinstance(m, NF4Linear)]
     for m in linears:
         m.fp8 = False
     exact_loss, exact = run(False)
     _, exact_wobbled = run(True)
-    print(f"SCHEME {'exact (fp32 base)':38s} loss {exact_loss:.4f}  KL 0.0000  wobble {kl(exact, exact_wobbled):.5f}",
-          flush=True)
+    print(f"SCHEME {'exact (fp32 base)':38s} loss {exact_loss:.4f}  KL 0.0000  "
+          f"wobble {mean_kl(exact, exact_wobbled):.5f}", flush=True)
     for m in linears:
         m.fp8 = True
     for label, chosen in SCHEMES.items():
@@ -148,7 +139,7 @@ def main() -> None:
         _, wobbled = run(True)
         share = f"  exact rows {100 * exact_rows['n'] / max(exact_rows['of'], 1):.2f}%" if chosen[2] else ""
         print(f"SCHEME {label:38s} loss {loss:.4f} ({100 * (loss / exact_loss - 1):+.2f}%)  "
-              f"KL {kl(exact, outputs):.4f}  wobble {kl(outputs, wobbled):.5f}{share}", flush=True)
+              f"KL {mean_kl(exact, outputs):.4f}  wobble {mean_kl(outputs, wobbled):.5f}{share}", flush=True)
         if label.startswith("rows (the"):
             print("MAXRATIO " + "  ".join(f"{k} {v:.0f}" for k, v in stats.items()), flush=True)
 

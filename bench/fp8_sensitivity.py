@@ -18,10 +18,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # `python bench/fp8_sensitivity.py` from anywhere: lorafit and bench
 
-from bench.fp8_first_step import arguments, base_with_adapters  # noqa: E402
+from bench.fp8_first_step import arguments, base_with_adapters, labelled_log_probs, mean_kl  # noqa: E402
 
 from lorafit.data.batching import BatchStream  # noqa: E402
-from lorafit.data.example import IGNORE_INDEX  # noqa: E402
 from lorafit.model.quantize import NF4Linear  # noqa: E402
 
 
@@ -41,19 +40,10 @@ def main() -> None:
         return name.split(".")[-2]  # ...<kind>.base_layer
 
     def run(reference: list[torch.Tensor] | None):
-        loss_sum, targets, kl_sum, outputs = 0.0, 0, 0.0, []
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            for i, b in enumerate(batches):
-                hidden = model(b.input_ids, position_ids=b.position_ids, seq_ids=b.seq_ids,
-                               cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
-                keep = b.labels[:, 1:] != IGNORE_INDEX
-                logp = torch.log_softmax(model.lm_head(hidden[:, :-1][keep]).float(), -1)
-                loss_sum -= float(logp.gather(1, b.labels[:, 1:][keep][:, None]).sum())  # the fp32 cross-entropy
-                targets += logp.shape[0]
-                outputs.append(logp)
-                if reference is not None:
-                    kl_sum += float((reference[i].exp() * (reference[i] - logp)).sum())
-        return loss_sum / targets, kl_sum / targets, outputs
+            outputs, losses = zip(*(labelled_log_probs(model, b) for b in batches))
+        loss = sum(losses) / sum(logp.shape[0] for logp in outputs)
+        return loss, 0.0 if reference is None else mean_kl(reference, outputs), outputs
 
     choices = {
         "none": lambda n: False,
