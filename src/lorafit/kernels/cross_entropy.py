@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from lorafit.kernels import autocast_device
 from lorafit.kernels.nf4 import FORCE_REFERENCE
 
 
@@ -116,6 +117,5 @@ class LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              chunk_tokens: int) -> torch.Tensor:
     """Summed cross-entropy of (hidden W^T) against targets, the head frozen; gradient flows to `hidden` only."""
-    device = hidden.device.type if torch.amp.is_autocast_available(hidden.device.type) else "cpu"  # meta: the trace
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(autocast_device(hidden), enabled=False):
         return LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from lorafit.kernels import autocast_device
 from lorafit.kernels.fp8_rows import E4M3, E4M3_MAX, _fast, quantize_activation, quantize_gradient
 from lorafit.kernels.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE, dequantize_nf4_reference
 
@@ -142,8 +143,7 @@ def _scaled_matmul(a_q, a_scale, b_q_t, b_scale, out_dtype):
     bf16-rounded operands (the reference path calls this inside an autocast region)."""
     if _fast(a_q):
         return torch._scaled_mm(a_q, b_q_t.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=out_dtype)
-    device = a_q.device.type if torch.amp.is_autocast_available(a_q.device.type) else "cpu"
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(autocast_device(a_q), enabled=False):
         return ((a_q.float() @ b_q_t.float().t()) * a_scale * b_scale[None, :]).to(out_dtype)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from lorafit.kernels import fp8
+from lorafit.kernels import autocast_device, fp8
 
 _optimizer_steps = [0]
 
@@ -128,7 +128,7 @@ class LoRAFunction(torch.autograd.Function):
 def autocast_state(x: torch.Tensor) -> tuple[str, torch.dtype | None]:
     """(the autocast device type of x's device, autocast's dtype there if it is on): what the Functions below cast
     their inputs to before running with autocast off. Meta tensors (the planner's trace) count as the CPU."""
-    device = x.device.type if torch.amp.is_autocast_available(x.device.type) else "cpu"
+    device = autocast_device(x)
     return device, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
