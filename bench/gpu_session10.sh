@@ -4,7 +4,7 @@
 # as bench/gpu_parity.sh does (two calls):
 #   call 1 (carry .cache/gguf_a):  cp .cache/gguf_a/part /tmp/gguf_a
 #   call 2 (carry .cache/gguf_b .wheels/gguf .wheels/core):  bash bench/gpu_session10.sh SECTION...
-# Sections: first (bench/fp8_first_step.py), sensitivity (bench/fp8_sensitivity.py), parity:A,B (bench_parity.py,
+# Sections: first (bench/fp8_first_step.py), grads (bench/grad_parity.py), sensitivity (bench/fp8_sensitivity.py), parity:A,B (bench_parity.py,
 # 50 steps, A against B), noise:A,B,N[,S[,KIND]] (the same, plus N runs of B changed by a bf16 rounding:
 # `--self-noise`, `--first-seed`, `--noise-kind`), check:fp8 / dry:fp8 ... (bench/graph_check.py modes, comma-separated, 12 steps).
 # Summary lines go to $OUT/session10.txt. Run in session 11 (BENCHMARKS.md has the calls).
@@ -22,6 +22,9 @@ for section in "$@"; do
   case $section in
     first)
       python bench/fp8_first_step.py --model /tmp/smollm2 2>&1 | grep -E "^(ROW|FP8|MEAN)|Error" | tee -a "$OUT/session10.txt" ;;
+    grads)
+      python bench/grad_parity.py --model /tmp/smollm2 2>&1 | grep -E "^(GROUP|GRADS|BATCH)|Error" > "$OUT/grads.txt"
+      grep -E "^(GRADS|GROUP .* all )" "$OUT/grads.txt" | tee -a "$OUT/session10.txt" ;;
     sensitivity)
       python bench/fp8_sensitivity.py --model /tmp/smollm2 2>&1 | grep -E "^SET|Error" | tee -a "$OUT/session10.txt" ;;
     noise:*)  # noise:A,B,N[,S[,KIND]]: bench_parity.py A against B, then B N more times (seeds S.., default 1)
