@@ -28,18 +28,18 @@ for section in "$@"; do
     sensitivity)
       python bench/fp8_sensitivity.py --model /tmp/smollm2 2>&1 | grep -E "^SET|Error" | tee -a "$OUT/session10.txt" ;;
     noise:*)  # noise:A,B,N[,S[,KIND]]: bench_parity.py A against B, then B N more times (seeds S.., default 1)
-      spec=${section#noise:}; tag=${spec//,/_}  # changed by a bf16 rounding (KIND init, the default, or grad)
+      spec=${section#noise:}; tag=${spec//[,+]/_}  # changed by a bf16 rounding (KIND init, the default, or grad)
       IFS=, read -r first second count seed kind <<< "$spec"; pair=$first,$second
       python bench/bench_parity.py --model /tmp/smollm2 --steps 50 --variants "$pair" --self-noise "$count" \
         --first-seed "${seed:-1}" --noise-kind "${kind:-init}" \
         --workdir /tmp/noise_$tag 2>&1 | grep -vi warn > "$OUT/noise_$tag.txt"
       grep -E "^(SELF-NOISE|RESULT)" "$OUT/noise_$tag.txt" | tee -a "$OUT/session10.txt" ;;
     parity:*)
-      pair=${section#parity:}
-      python bench/bench_parity.py --model /tmp/smollm2 --steps 50 --variants "$pair" --workdir /tmp/par_${pair/,/_} \
-        2>&1 | grep -vi warn > "$OUT/parity_${pair/,/_}.txt"
-      grep -E "^step +[0-9]+  " "$OUT/parity_${pair/,/_}.txt" | head -3 | tee -a "$OUT/session10.txt"
-      grep RESULT "$OUT/parity_${pair/,/_}.txt" | tee -a "$OUT/session10.txt" ;;
+      pair=${section#parity:}; name=${pair//[,+]/_}
+      python bench/bench_parity.py --model /tmp/smollm2 --steps 50 --variants "$pair" --workdir /tmp/par_$name \
+        2>&1 | grep -vi warn > "$OUT/parity_$name.txt"
+      grep -E "^step +[0-9]+  " "$OUT/parity_$name.txt" | head -3 | tee -a "$OUT/session10.txt"
+      grep RESULT "$OUT/parity_$name.txt" | tee -a "$OUT/session10.txt" ;;
     *)
       python bench/graph_check.py --model /tmp/smollm2 --steps 12 --modes "$section" --workdir /tmp/gc 2>&1 \
         | grep -vi warn > "$OUT/graph_check_${section//[:,]/_}.txt"

@@ -9,9 +9,13 @@ of the twins' starting adapters moved them by under 2%. A curve mixes every step
 weights does not. Both bf16 paths round, so neither matches the truth: a fast kernel that computes what its twin
 does has about the twin's error, with no direction of its own. Per adapter group (q_proj.A, ..., down_proj.B) and
 over all, for each bf16 path: `err` = |g - g_truth| / |g_truth| and `scale` = <g, g_truth> / |g_truth|^2 (a
-gradient systematically too small or too large shows as scale away from 1; rounding noise alone leaves it at 1).
+gradient systematically too small or too large shows as scale away from 1; rounding noise alone leaves it at 1);
+and the same for the fast path against the bf16 twins (within bf16 tolerance: no farther from them than they are
+from fp32). Inputs as train() sends them (eager: varlen rows, labelled positions) and as its CUDA graph's micro-step
+does (padded to max_length, every position; the twins and fp32 take the same rows eagerly).
 LoRA B is set to seeded random values (std --b-scale) so that A has a gradient too (a fresh B is zero).
-Ends with `GRADS {json}`: the overall err and scale of each path, and the fast path's worst group by err ratio.
+Ends with `GRADS {json}`: each comparison's overall err and scale, and the fast path's worst group by its err
+against fp32 over the twins'.
 """
 
 from __future__ import annotations
@@ -86,37 +90,41 @@ def main() -> None:
     exact.load_state_dict({n: p for n, p in model.state_dict().items() if "lora_" in n}, strict=False)
     model.train(), exact.train()
 
-    paths = {"fast": (False, False), "fast graph inputs": (False, True), "twins": (True, False)}
-    totals = {path: defaultdict(lambda: [0.0, 0.0, 0.0]) for path in paths}
-    for graph_inputs in (False, True):
+    # (path, against): the paths' gradients against the fp32 twins' and the fast paths' against the bf16 twins'
+    pairs = [("fast", "fp32"), ("twins", "fp32"), ("fast", "twins")]
+    totals = {(inputs, path, against): defaultdict(lambda: [0.0, 0.0, 0.0])
+              for inputs in ("eager", "graph") for path, against in pairs}
+    for inputs in ("eager", "graph"):
         stream = BatchStream(examples, cfg.data.max_length, cfg.data.packing, cfg.seed, tokenizer.pad_token_id)
-        stream.pad_to = cfg.data.max_length if graph_inputs else None
+        stream.pad_to = cfg.data.max_length if inputs == "graph" else None
         for index in range(args.batches):
             batch = stream.batch(index * cfg.micro_batch_size, cfg.micro_batch_size)[0].to(device)
             all_twins(True)
-            truth, truth_loss = gradients(exact, batch, autocast=False, graph_inputs=False)
-            for path, (twins, path_graph_inputs) in paths.items():
-                if path_graph_inputs != graph_inputs:
-                    continue
-                all_twins(twins)
-                grads, loss = gradients(model, batch, autocast=True, graph_inputs=graph_inputs)
-                for key, (sq_err, dot, sq_truth) in compare(grads, truth).items():
-                    for i, value in enumerate((sq_err, dot, sq_truth)):
-                        totals[path][key][i] += value
-                print(f"BATCH {index} {path:17s} loss {loss:.5f} (fp32 twins {truth_loss:.5f})", flush=True)
-    all_twins(False)
+            grads = {"fp32": gradients(exact, batch, autocast=False, graph_inputs=False),
+                     "twins": gradients(model, batch, autocast=True, graph_inputs=False)}
+            all_twins(False)
+            grads["fast"] = gradients(model, batch, autocast=True, graph_inputs=inputs == "graph")
+            for path, against in pairs:
+                for key, sums in compare(grads[path][0], grads[against][0]).items():
+                    for i, value in enumerate(sums):
+                        totals[inputs, path, against][key][i] += value
+            print(f"BATCH {index} {inputs} inputs  loss fast {grads['fast'][1]:.5f}  twins {grads['twins'][1]:.5f}  "
+                  f"fp32 {grads['fp32'][1]:.5f}", flush=True)
 
     result = {}
-    for path, sums in totals.items():
+    for (inputs, path, against), sums in totals.items():
         for key in sorted(sums, key=lambda k: (k != "all", k)):
             sq_err, dot, sq_truth = sums[key]
             err, scale = (sq_err / sq_truth) ** 0.5, dot / sq_truth
-            print(f"GROUP {path:17s} {key:12s} err {err:.5f}  scale {scale:.5f}", flush=True)
+            print(f"GROUP {inputs} inputs {path:5s} vs {against:5s} {key:12s} err {err:.5f}  scale {scale:.5f}",
+                  flush=True)
             if key == "all":
-                result[path] = {"err": round(err, 5), "scale": round(scale, 5)}
-    ratios = {key: (totals["fast"][key][0] / max(totals["twins"][key][0], 1e-30)) ** 0.5 for key in totals["fast"]}
-    worst = max(ratios, key=ratios.get)
-    result["fast_worst_group"] = {"group": worst, "err_ratio_to_twins": round(ratios[worst], 3)}
+                result[f"{inputs} {path} vs {against}"] = {"err": round(err, 5), "scale": round(scale, 5)}
+    for inputs in ("eager", "graph"):
+        fast, twins = totals[inputs, "fast", "fp32"], totals[inputs, "twins", "fp32"]
+        ratios = {key: (fast[key][0] / max(twins[key][0], 1e-30)) ** 0.5 for key in fast}
+        worst = max(ratios, key=ratios.get)
+        result[f"{inputs} fast's worst group"] = {"group": worst, "err_vs_fp32_over_twins'": round(ratios[worst], 3)}
     print("GRADS " + json.dumps(result), flush=True)
 
 
