@@ -80,6 +80,17 @@ def labelled_log_probs(model, batch, inputs_embeds: torch.Tensor | None = None) 
     return logp, -float(logp.gather(1, batch.labels[:, 1:][keep][:, None]).sum())
 
 
+def micro_step_loss_sum(model, b: dict, graph_inputs: bool) -> torch.Tensor:
+    """The summed target loss of one micro-batch (`b`: a Batch's fields) as train() computes it: from eager inputs
+    (varlen rows, labelled positions) or as its CUDA graph's micro-step does (padded to max_length, every position)."""
+    if graph_inputs:
+        hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"])
+        return every_position_loss_sum(model, hidden, b["labels"])
+    hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
+                   cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"])
+    return target_loss_sum(model, hidden, b["labels"])[0]
+
+
 def mean_kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> float:
     """KL(p || q) of log-probability rows, summed over the batches' rows and divided by their count (nats/token)."""
     return sum(float((a.exp() * (a - b)).sum()) for a, b in zip(p, q)) / sum(a.shape[0] for a in p)
@@ -114,13 +125,7 @@ def main() -> None:
         batch, _ = streams[graph_inputs].batch(index, 1)
         b = vars(batch.to(device))
         with torch.set_grad_enabled(grad), autocast():
-            if graph_inputs:
-                hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"])
-                total = every_position_loss_sum(model, hidden, b["labels"])
-            else:
-                hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
-                               cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"])
-                total, _ = target_loss_sum(model, hidden, b["labels"])
+            total = micro_step_loss_sum(model, b, graph_inputs)
         return (float(total), batch.num_targets) if summed else float(total) / batch.num_targets
 
     for base in ("bf16", "bf16 all twins", "fp8 fast", "fp8 twins", "fp8 all twins"):

@@ -26,12 +26,11 @@ import re
 from collections import defaultdict
 
 import torch
-from fp8_first_step import all_twins, base_with_adapters
+from fp8_first_step import all_twins, base_with_adapters, micro_step_loss_sum
 
 from lorafit.data.batching import BatchStream
 from lorafit.model.load import load_model
 from lorafit.model.lora import apply_lora
-from lorafit.train.loss import every_position_loss_sum, target_loss_sum
 
 GROUP = re.compile(r"\.(\w+)\.lora_([AB])\.weight$")
 
@@ -40,16 +39,9 @@ def gradients(model, batch, autocast: bool, graph_inputs: bool) -> tuple[dict[st
     """Every adapter's gradient (fp32) of the batch's mean target loss, and that loss; as train() runs a micro-step
     (eager inputs) or as its CUDA graph's micro-step computes (inputs padded to max_length, every position)."""
     model.zero_grad(set_to_none=True)
-    b = vars(batch)
     on_gpu = batch.input_ids.is_cuda  # on the CPU every path runs in fp32: a smoke test of the script
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and on_gpu):
-        if graph_inputs:
-            hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"])
-            total = every_position_loss_sum(model, hidden, b["labels"])
-        else:
-            hidden = model(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"],
-                           cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"])
-            total, _ = target_loss_sum(model, hidden, b["labels"])
+        total = micro_step_loss_sum(model, vars(batch), graph_inputs)
     (total / batch.num_targets).backward()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return grads, float(total.detach()) / batch.num_targets
@@ -76,6 +68,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.manual_seed(0)  # LoRA A's fresh init (session 12's H200 run was not seeded: its A was a fresh draw)
     cfg, model, tokenizer, examples = base_with_adapters(args.model, device)
     model.gradient_checkpointing, model.kept_layers = cfg.gradient_checkpointing, cfg.kept_layers
     generator = torch.Generator().manual_seed(0)
