@@ -47,9 +47,9 @@ def gradients(model, batch, autocast: bool, graph_inputs: bool) -> tuple[dict[st
     return grads, float(total.detach()) / batch.num_targets
 
 
-def compare(grads: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> dict[str, tuple[float, float, float]]:
-    """Per group and "all": (|g - t|^2, <g, t>, |t|^2) summed over the group's tensors."""
-    sums = defaultdict(lambda: [0.0, 0.0, 0.0])
+def add_comparison(sums: dict[str, list[float]], grads: dict[str, torch.Tensor],
+                   truth: dict[str, torch.Tensor]) -> None:
+    """Add (|g - t|^2, <g, t>, |t|^2) of each tensor to `sums` under its group and under "all"."""
     for name, t in truth.items():
         g = grads[name]
         group = "{}.{}".format(*GROUP.search(name).groups())
@@ -57,7 +57,6 @@ def compare(grads: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> d
             sums[key][0] += float((g - t).pow(2).sum())
             sums[key][1] += float((g * t).sum())
             sums[key][2] += float(t.pow(2).sum())
-    return sums
 
 
 def main() -> None:
@@ -98,9 +97,7 @@ def main() -> None:
             all_twins(False)
             grads["fast"] = gradients(model, batch, autocast=True, graph_inputs=inputs == "graph")
             for path, against in pairs:
-                for key, sums in compare(grads[path][0], grads[against][0]).items():
-                    for i, value in enumerate(sums):
-                        totals[inputs, path, against][key][i] += value
+                add_comparison(totals[inputs, path, against], grads[path][0], grads[against][0])
             print(f"BATCH {index} {inputs} inputs  loss fast {grads['fast'][1]:.5f}  twins {grads['twins'][1]:.5f}  "
                   f"fp32 {grads['fp32'][1]:.5f}", flush=True)
 
